@@ -1,0 +1,189 @@
+"""Learners: the few hooks where methods differ, over one shared training loop (trainer.py).
+
+Each training step, the trainer computes the loss terms a learner declares on the logits, the
+gradient of each term with respect to the logits (B, C), and then asks the learner for the
+logit-gradient to apply to the heads. The backbone always receives the plain gradient of the
+summed terms; only DGR changes the heads' gradient (method.md §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from method.config import LearnerConfig
+from method.losses import dakd_loss, log_prior, logit_adjusted_cross_entropy, soft_cross_entropy
+from method.reweighting import (
+    attenuation_gamma,
+    balance_ratios,
+    group_ratios,
+    head_gradient_norms,
+    kd_magnitude_ratio,
+)
+
+
+@dataclass
+class TaskContext:
+    """What a learner needs to know about the current task (method.md §2 "Counts")."""
+
+    task: int
+    num_old: int  # old classes: positions 0..num_old-1
+    num_seen: int  # old + new classes
+    class_counts: torch.Tensor  # (num_seen,) count_t(c): exemplars for old, all images for new
+    original_counts: torch.Tensor  # (num_seen,) orig(c)
+    n_seen: int  # sum of orig(c) over old classes
+    n_new: int  # training images of the new task
+
+    @property
+    def removed_counts(self) -> torch.Tensor:
+        """s_c = orig(c) - count_t(c) over the old classes."""
+        return (self.original_counts - self.class_counts)[: self.num_old]
+
+
+LEARNERS: dict[str, type["Learner"]] = {}
+
+
+def register(name: str) -> Callable[[type["Learner"]], type["Learner"]]:
+    def add(cls: type["Learner"]) -> type["Learner"]:
+        cls.name = name
+        LEARNERS[name] = cls
+        return cls
+
+    return add
+
+
+def make_learner(cfg: LearnerConfig) -> "Learner":
+    return LEARNERS[cfg.name](cfg)
+
+
+class Learner:
+    """Replay with cross-entropy: the base every learner refines."""
+
+    name = "base"
+    uses_memory = True
+    distills = False  # needs the frozen model of the previous task
+    nearest_mean = False  # iCaRL's test-time classifier
+
+    def __init__(self, cfg: LearnerConfig) -> None:
+        self.cfg = cfg
+
+    def begin_task(self, ctx: TaskContext) -> None:
+        self.ctx = ctx
+
+    def loss_terms(self, logits: torch.Tensor, old_logits: torch.Tensor | None, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = {"ce": F.cross_entropy(logits, targets)}
+        if self.distills and old_logits is not None:
+            terms["kd"] = soft_cross_entropy(logits[:, : self.ctx.num_old], old_logits, self.cfg.kd_temperature)
+        return terms
+
+    def head_logit_grad(self, term_grads: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+        """The (B, C) logit gradient whose G^T h is the heads' gradient; plain sum by default."""
+        return sum(term_grads.values())
+
+    def end_task(self, model) -> None:
+        """Hook after a task's training, before the memory update and evaluation."""
+
+
+@register("replay")
+class Replay(Learner):
+    pass
+
+
+@register("finetune")
+class Finetune(Learner):
+    uses_memory = False
+
+
+@register("lwf")
+class LwF(Learner):
+    distills = True
+
+
+@register("icarl")
+class ICaRL(Learner):
+    distills = True
+    nearest_mean = True
+
+
+@register("wa")
+class WeightAligning(Learner):
+    distills = True
+
+    def end_task(self, model) -> None:
+        # Scale the new heads' weight rows so their mean norm equals the old rows' (WA).
+        if self.ctx.num_old == 0:
+            return
+        with torch.no_grad():
+            norms = torch.linalg.vector_norm(model.head_weight, dim=1)
+            scale = norms[: self.ctx.num_old].mean() / norms[self.ctx.num_old :].mean()
+            model.head_weight[self.ctx.num_old :] *= scale
+
+
+@register("dgr")
+class GradientReweighting(Learner):
+    """DGR, in the order of method.md §3."""
+
+    distills = True
+
+    def __init__(self, cfg: LearnerConfig) -> None:
+        super().__init__(cfg)
+        self.dgr = cfg.dgr
+
+    def begin_task(self, ctx: TaskContext) -> None:
+        super().begin_task(ctx)
+        device = ctx.class_counts.device
+        # Phi_c, the accumulated CE head-gradient norms, reset at the start of every task.
+        self.accumulated_grad_norms = torch.zeros(ctx.num_seen, device=device)
+        self.old_mask = torch.arange(ctx.num_seen, device=device) < ctx.num_old
+        self.log_prior = log_prior(ctx.class_counts)
+        if ctx.num_old:
+            self.gamma = attenuation_gamma(self.dgr.attenuation, ctx.n_seen, ctx.n_new)
+            self.beta = self.dgr.lambda_b * self.beta_shape(ctx)
+            self.removed = ctx.removed_counts.to(torch.float32)
+
+    def beta_shape(self, ctx: TaskContext) -> float:
+        if self.dgr.beta_schedule == "sqrt":
+            return (ctx.n_seen / ctx.n_new) ** 0.5
+        if self.dgr.beta_schedule == "linear":
+            return float(ctx.task)
+        return 1.0
+
+    def loss_terms(self, logits, old_logits, targets):
+        # code: logit-adjusted CE over all seen classes.
+        if self.dgr.logit_adjustment:
+            terms = {"ce": logit_adjusted_cross_entropy(logits, targets, self.log_prior)}
+        else:
+            terms = {"ce": F.cross_entropy(logits, targets)}
+        if old_logits is not None and self.ctx.num_old:
+            old_part = logits[:, : self.ctx.num_old]
+            temperature = self.dgr.temperature
+            if self.dgr.distillation == "dakd":
+                kd = dakd_loss(old_part, old_logits, self.removed, temperature, self.dgr.dakd_prior)
+            else:
+                kd = soft_cross_entropy(old_part, old_logits, temperature)
+            # code: the loss added is beta * T^2 * L_dakd.
+            terms["kd"] = self.beta * temperature**2 * kd
+        return terms
+
+    def head_logit_grad(self, term_grads, features):
+        ce_grad = term_grads["ce"]
+        ce_norms = head_gradient_norms(ce_grad, features)  # g_c
+        self.accumulated_grad_norms += ce_norms  # Phi_c += g_c
+        if self.ctx.num_old == 0:
+            # Task 0: intra-phase reweighting, alpha_c = min Phi / Phi_c.
+            if not self.dgr.intra_phase_reweighting:
+                return ce_grad
+            return ce_grad * balance_ratios(self.accumulated_grad_norms)
+        kd_grad = term_grads["kd"]
+        if not self.dgr.inter_phase_reweighting:
+            return ce_grad + kd_grad
+        # Tasks t > 0: decoupled inter-phase reweighting, alpha per group times r_group.
+        alpha = balance_ratios(self.accumulated_grad_norms, self.old_mask)
+        class_weights = alpha * group_ratios(self.accumulated_grad_norms, self.old_mask, self.gamma)
+        kd_norms = head_gradient_norms(kd_grad, features)[: self.ctx.num_old]  # k_c
+        rho_kd = kd_magnitude_ratio(class_weights * ce_norms, kd_norms)
+        # Old rows: w_c dLce + rho_kd dLkd; new rows: w_c dLce (KD has no gradient there).
+        return ce_grad * class_weights + rho_kd * kd_grad

@@ -1,0 +1,48 @@
+"""What the phase-by-phase trainer hands back after each task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Names of the scalar metrics in PhaseResult.metrics, in the order a table shows them.
+# Accuracies are in percent, as in the paper's table.
+METRIC_NAMES = (
+    "acc",  # avg_acc[t]: mean over seen tasks u of A[t, u] (task-agnostic)
+    "acc_class_weighted",  # the same, each task weighted by its number of classes
+    "avg_incremental_acc",  # mean of acc over phases 0..t: the paper's number when t = T-1
+    "task_aware_acc",  # mean over seen tasks of the task-aware accuracy
+    "forgetting",  # mean over u < t of max_{t' < t} A[t', u] - A[t, u]; 0 at t = 0
+    "acc_many",  # accuracy on classes with > 100 training images
+    "acc_medium",  # 20..100
+    "acc_few",  # < 20
+    "loss",  # mean training loss of the phase's last epoch
+    "train_images_per_s",  # training images processed per second of training
+    "train_seconds",
+    "phase_seconds",  # training + memory update + evaluation
+)
+
+
+@dataclass
+class PhaseResult:
+    phase: int  # task index t, 0-based
+    num_phases: int  # 1 + incremental tasks
+    # Class labels are positions in the class order (0..C-1); task u holds task_classes[u].
+    task_classes: list[list[int]]
+    # (num_phases, num_phases) percent; rows > phase and entries u > row are NaN.
+    acc_matrix: np.ndarray
+    task_aware_matrix: np.ndarray
+    metrics: dict[str, float]
+    # One entry per seen class, all lists of equal length: "label", "original_label",
+    # "name", "train_count" (orig(c)), "memory_count", "test_count", "accuracy" (percent),
+    # "head_weight_norm", "shot" ("many"/"medium"/"few").
+    per_class: dict[str, list]
+    # Everything needed to continue with phase + 1 (model, memory, RNG states, matrices);
+    # torch.save-able, CPU tensors only.
+    state: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def is_last(self) -> bool:
+        return self.phase == self.num_phases - 1

@@ -1,0 +1,397 @@
+"""The one training loop every learner shares, run task after task (method.md §2-4).
+
+`IncrementalTrainer(cfg).phases()` yields a `PhaseResult` after each task. Its `state` restarts
+the run at the next task (`phases(resume_state=...)`) with the same results as an
+uninterrupted run on the same device, because it carries every RNG state along with the model
+and the memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from method.backbones import IncrementalNet
+from method.batches import image_source
+from method.config import RunConfig, resolve_dataset_defaults
+from method.data import Benchmark, build_benchmark
+from method.learners import TaskContext, make_learner
+from method.memory import ExemplarMemory, budget_per_class, herding_order, random_order
+from method.metrics import (
+    accuracy_rows,
+    average_accuracy,
+    average_incremental_accuracy,
+    class_weighted_accuracy,
+    forgetting,
+    new_matrix,
+    shot_accuracies,
+    shot_groups,
+)
+from method.results import PhaseResult
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+STATE_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot go on."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+class IncrementalTrainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        benchmark: Optional[Benchmark] = None,
+        progress: Optional[ProgressCallback] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        self.cfg = resolve_dataset_defaults(cfg)
+        self.device = device or resolve_device(cfg.device)
+        self.benchmark = benchmark or build_benchmark(cfg.data, cfg.protocol, cfg.seed)
+        self.progress = progress or (lambda event: None)
+        self.learner = make_learner(cfg.learner)
+        on_cuda = self.device.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if (on_cuda and cfg.train.precision == "bf16") else None
+        channels_last = self.autocast_dtype is not None
+        workers = cfg.data.num_workers
+        self.train_images = image_source(self.benchmark.train, self.benchmark, self.device, workers, channels_last)
+        self.test_images = image_source(self.benchmark.test, self.benchmark, self.device, workers, channels_last)
+        self.val_images = (
+            image_source(self.benchmark.val, self.benchmark, self.device, workers, channels_last)
+            if cfg.train.validate_every_epoch and len(self.benchmark.val)
+            else None
+        )
+        self.train_labels = torch.as_tensor(self.benchmark.train.labels)
+        self.test_labels = torch.as_tensor(self.benchmark.test.labels)
+        self.task_sizes = [len(c) for c in self.benchmark.task_classes]
+        self.task_of_class = torch.as_tensor(
+            np.repeat(np.arange(len(self.task_sizes)), self.task_sizes), dtype=torch.long
+        )
+
+    # ------------------------------------------------------------------ run and state
+
+    def phases(self, resume_state: Optional[dict[str, Any]] = None) -> Iterator[PhaseResult]:
+        start = self._restore(resume_state) if resume_state else self._initialise()
+        for task in range(start, self.benchmark.num_tasks):
+            yield self._run_phase(task)
+
+    def _initialise(self) -> int:
+        torch.manual_seed(self.cfg.seed)  # model and head initialisation
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)  # batches, augmentation, sampling
+        self.model = IncrementalNet(self.cfg.model.backbone).to(self.device)
+        self.memory = ExemplarMemory()
+        self.old_model: Optional[IncrementalNet] = None
+        self.acc_matrix = new_matrix(self.benchmark.num_tasks)
+        self.task_aware_matrix = new_matrix(self.benchmark.num_tasks)
+        return 0
+
+    def _state(self, task: int) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "phase": task,
+            "class_order": list(self.benchmark.class_order),
+            "task_sizes": list(self.task_sizes),
+            "head_sizes": list(self.model.head_sizes),
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "memory": self.memory.state_dict(),
+            "acc_matrix": self.acc_matrix.copy(),
+            "task_aware_matrix": self.task_aware_matrix.copy(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "generator": self.generator.get_state(),
+        }
+
+    def _restore(self, state: dict[str, Any]) -> int:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError("checkpoint was written by an incompatible version of imbcil")
+        if state["class_order"] != list(self.benchmark.class_order) or state["task_sizes"] != self.task_sizes:
+            raise ValueError("checkpoint belongs to another dataset order or task split than this config")
+        self._initialise()
+        self.model.set_head_sizes(state["head_sizes"])
+        self.model.load_state_dict(state["model"])
+        self.model.to(self.device)
+        self.memory.load_state_dict(state["memory"])
+        self.acc_matrix = np.array(state["acc_matrix"], dtype=float)
+        self.task_aware_matrix = np.array(state["task_aware_matrix"], dtype=float)
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.generator.set_state(state["generator"])
+        self.old_model = self._frozen_copy()
+        return int(state["phase"]) + 1
+
+    def _frozen_copy(self) -> IncrementalNet:
+        frozen = copy.deepcopy(self.model).eval()
+        for parameter in frozen.parameters():
+            parameter.requires_grad_(False)
+        return frozen
+
+    # ------------------------------------------------------------------ one phase
+
+    def _run_phase(self, task: int) -> PhaseResult:
+        phase_start = time.perf_counter()
+        bench, cfg = self.benchmark, self.cfg
+        num_old = sum(self.task_sizes[:task])
+        num_seen = num_old + self.task_sizes[task]
+        self.progress({"event": "phase_start", "phase": task, "num_phases": bench.num_tasks})
+        self.model.add_head(self.task_sizes[task])
+
+        new_indices = torch.as_tensor(bench.task_indices(bench.train, [task]))
+        memory_indices = self.memory.indices() if self.learner.uses_memory else torch.empty(0, dtype=torch.long)
+        train_indices = torch.cat([memory_indices, new_indices])
+        ctx = self._task_context(task, num_old, num_seen, memory_indices, len(new_indices))
+        self.learner.begin_task(ctx)
+
+        train_start = time.perf_counter()
+        loss, images_seen = self._train(task, train_indices, ctx)
+        self._synchronise()
+        train_seconds = time.perf_counter() - train_start
+
+        self.learner.end_task(self.model)
+        if cfg.learner.two_stage:
+            self._retrain_classifier(train_indices, num_seen)
+        if self.learner.uses_memory:
+            self._update_memory(task, num_seen)
+        class_means = self._class_means(num_seen) if self.learner.nearest_mean else None
+        result = self._evaluate(task, num_seen, class_means)
+        result.metrics.update(
+            loss=loss,
+            train_images_per_s=images_seen / max(train_seconds, 1e-9),
+            train_seconds=train_seconds,
+            phase_seconds=time.perf_counter() - phase_start,
+        )
+        self.old_model = self._frozen_copy()
+        result.state = self._state(task)
+        self.progress({"event": "phase_end", "phase": task, "metrics": dict(result.metrics)})
+        return result
+
+    def _task_context(self, task: int, num_old: int, num_seen: int, memory_indices: torch.Tensor, n_new: int) -> TaskContext:
+        original = torch.as_tensor(self.benchmark.train_counts[:num_seen], dtype=torch.long)
+        counts = original.clone()
+        # Old classes count their exemplars actually in memory (method.md §2, fixed-total note).
+        counts[:num_old] = torch.bincount(self.train_labels[memory_indices], minlength=num_seen)[:num_old]
+        return TaskContext(
+            task=task,
+            num_old=num_old,
+            num_seen=num_seen,
+            class_counts=counts.to(self.device),
+            original_counts=original.to(self.device),
+            n_seen=int(original[:num_old].sum()),
+            n_new=n_new,
+        )
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _synchronise(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ training
+
+    def _train(self, task: int, indices: torch.Tensor, ctx: TaskContext) -> tuple[float, int]:
+        train = self.cfg.train
+        optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=train.milestones, gamma=train.lr_decay)
+        batches_per_epoch = math.ceil(len(indices) / train.batch_size)
+        epoch_loss = math.nan
+        for epoch in range(train.epochs):
+            self.model.train()
+            loss_sum = torch.zeros((), device=self.device)
+            for batch, (x, y) in enumerate(self.train_images.train_batches(indices, train.batch_size, self.generator)):
+                loss_sum += self.train_step(x, y, ctx, optimizer)
+                self.progress({"event": "batch", "phase": task, "epoch": epoch, "batch": batch + 1, "batches": batches_per_epoch})
+            schedule.step()
+            epoch_loss = float(loss_sum) / batches_per_epoch  # one host read per epoch
+            if not math.isfinite(epoch_loss):
+                raise NonFiniteLossError(f"training loss became {epoch_loss} in phase {task}, epoch {epoch}")
+            event = {"event": "epoch_end", "phase": task, "epoch": epoch + 1, "epochs": train.epochs,
+                     "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"]}
+            if self.val_images is not None:
+                event["val_acc"] = self._validation_accuracy(ctx.num_seen)
+            self.progress(event)
+        return epoch_loss, train.epochs * len(indices)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: TaskContext, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """One SGD step; returns the (device) loss. No host synchronisation inside.
+
+        The heads' gradient is assembled from the per-term logit gradients (see reweighting.py)
+        and the backbone receives the plain gradient of the summed loss in one backward pass.
+        """
+        model = self.model
+        with self._autocast():
+            features = model.backbone(x)
+        head_features = features.detach().float()  # (B, D)
+        weight, bias = model.head_weight, model.head_bias
+        logits = F.linear(head_features, weight.detach(), bias.detach()).requires_grad_()  # (B, C)
+        old_logits = None
+        if self.learner.distills and self.old_model is not None:
+            with torch.no_grad(), self._autocast():
+                old_logits = self.old_model(x)[:, : ctx.num_old].float()
+        terms = self.learner.loss_terms(logits, old_logits, y)
+        names = list(terms)
+        logit_grads = {
+            name: torch.autograd.grad(terms[name], logits, retain_graph=i < len(names) - 1)[0]
+            for i, name in enumerate(names)
+        }
+        head_grad = self.learner.head_logit_grad(logit_grads, head_features)
+        optimizer.zero_grad(set_to_none=True)
+        weight.grad = head_grad.t() @ head_features
+        bias.grad = head_grad.sum(dim=0)
+        backbone_grad = sum(logit_grads.values()) @ weight.detach()  # (B, D)
+        features.backward(backbone_grad.to(features.dtype))
+        # Weight decay is applied inside the step, after the reweighting (method.md §2).
+        optimizer.step()
+        return sum(term.detach() for term in terms.values())
+
+    def _retrain_classifier(self, indices: torch.Tensor, num_seen: int) -> None:
+        """Two-stage: refit the heads on class-balanced samples of frozen-backbone features."""
+        features, labels = self._features(indices)
+        counts = torch.bincount(labels.cpu(), minlength=num_seen).clamp_min(1)
+        sample_weights = (1.0 / counts[labels.cpu()]).to(torch.float64)
+        weight = self.model.head_weight.detach().clone().requires_grad_()
+        bias = self.model.head_bias.detach().clone().requires_grad_()
+        optimizer = torch.optim.SGD([weight, bias], lr=self.cfg.learner.two_stage_lr, momentum=0.9)
+        batch_size = self.cfg.train.batch_size
+        for _ in range(self.cfg.learner.two_stage_epochs):
+            order = torch.multinomial(sample_weights, len(labels), replacement=True, generator=self.generator)
+            order = order.to(self.device)
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                loss = F.cross_entropy(F.linear(features[batch], weight, bias), labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            self.model.head_weight.copy_(weight)
+            self.model.head_bias.copy_(bias)
+
+    # ------------------------------------------------------------------ memory
+
+    @torch.no_grad()
+    def _features(self, indices: torch.Tensor, source=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features (eval transform) of `indices`, in large batches; (N, D), (N,)."""
+        self.model.eval()
+        source = source or self.train_images
+        features, labels = [], []
+        for x, y in source.eval_batches(indices, self.cfg.train.eval_batch_size):
+            with self._autocast():
+                features.append(self.model.backbone(x).float())
+            labels.append(y)
+        if not features:
+            return torch.empty(0, self.model.backbone.feature_dim, device=self.device), torch.empty(0, dtype=torch.long)
+        return torch.cat(features), torch.cat(labels)
+
+    def _update_memory(self, task: int, num_seen: int) -> None:
+        mem = self.cfg.memory
+        per_class = budget_per_class(mem.budget, mem.per_class, mem.total, num_seen)
+        if mem.budget == "total":
+            self.memory.shrink(per_class)  # a fixed total: old classes give up their last-ranked exemplars
+        for label in self.benchmark.task_classes[task]:
+            candidates = torch.as_tensor(np.flatnonzero(self.benchmark.train.labels == label))
+            if mem.selection == "herding":
+                features, _ = self._features(candidates)
+                ranked = herding_order(features, per_class)
+            else:
+                ranked = random_order(len(candidates), per_class, self.generator)
+            self.memory.update(label, candidates[ranked.cpu()])
+
+    def _class_means(self, num_seen: int) -> torch.Tensor:
+        """iCaRL: mean of L2-normalised exemplar features per class, renormalised; (C, D)."""
+        features, labels = self._features(self.memory.indices())
+        features = F.normalize(features, dim=1)
+        sums = torch.zeros(num_seen, features.shape[1], device=self.device).index_add_(0, labels, features)
+        return F.normalize(sums, dim=1)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def _scores(self, x: torch.Tensor, num_seen: int, class_means: Optional[torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            features = self.model.backbone(x).float()
+        if class_means is not None:
+            # Nearest mean of exemplars: the negative distance is the score.
+            return -torch.cdist(F.normalize(features, dim=1), class_means)
+        return self.model.logits(features)[:, :num_seen]
+
+    @torch.no_grad()
+    def _validation_accuracy(self, num_seen: int) -> float:
+        self.model.eval()
+        indices = torch.as_tensor(np.flatnonzero(self.benchmark.val.labels < num_seen))
+        correct = torch.zeros((), device=self.device)
+        for x, y in self.val_images.eval_batches(indices, self.cfg.train.eval_batch_size):
+            correct += (self._scores(x, num_seen, None).argmax(1) == y).sum()
+        self.model.train()
+        return 100.0 * float(correct) / max(len(indices), 1)
+
+    @torch.no_grad()
+    def _evaluate(self, task: int, num_seen: int, class_means: Optional[torch.Tensor]) -> PhaseResult:
+        self.model.eval()
+        bench = self.benchmark
+        indices = torch.as_tensor(bench.task_indices(bench.test, range(task + 1)))
+        task_of_class = self.task_of_class[:num_seen].to(self.device)
+        predictions, aware_predictions = [], []
+        for x, y in self.test_images.eval_batches(indices, self.cfg.train.eval_batch_size):
+            scores = self._scores(x, num_seen, class_means)
+            predictions.append(scores.argmax(1))
+            # Task-aware: argmax within the head of the image's own task.
+            in_own_task = task_of_class[None, :] == task_of_class[y][:, None]
+            aware_predictions.append(scores.masked_fill(~in_own_task, -math.inf).argmax(1))
+        predictions = torch.cat(predictions).cpu()
+        aware_predictions = torch.cat(aware_predictions).cpu()
+        labels = self.test_labels[indices]
+        rows = accuracy_rows(predictions, aware_predictions, labels, bench.task_classes, task)
+        self.acc_matrix[task, : task + 1] = rows.acc
+        self.task_aware_matrix[task, : task + 1] = rows.task_aware
+
+        train_counts = bench.train_counts[:num_seen]
+        memory_counts = self.memory.counts()
+        weight_norms = torch.linalg.vector_norm(self.model.head_weight, dim=1).cpu().numpy()
+        order = np.asarray(rows.class_labels)
+        metrics = {
+            "acc": average_accuracy(self.acc_matrix, task),
+            "acc_class_weighted": class_weighted_accuracy(self.acc_matrix, task, bench.task_classes),
+            "avg_incremental_acc": average_incremental_accuracy(self.acc_matrix, task),
+            "task_aware_acc": float(np.mean(self.task_aware_matrix[task, : task + 1])),
+            "forgetting": forgetting(self.acc_matrix, task),
+        }
+        metrics.update(shot_accuracies(rows.class_correct, rows.class_total, train_counts[order]))
+        per_class = {
+            "label": order.tolist(),
+            "original_label": [bench.class_order[c] for c in order],
+            "name": [bench.class_names[c] for c in order],
+            "train_count": train_counts[order].astype(int).tolist(),
+            "memory_count": [int(memory_counts.get(int(c), 0)) for c in order],
+            "test_count": np.asarray(rows.class_total).astype(int).tolist(),
+            "accuracy": np.asarray(rows.class_acc, dtype=float).tolist(),
+            "head_weight_norm": weight_norms[order].astype(float).tolist(),
+            "shot": shot_groups(train_counts[order]).tolist(),
+        }
+        return PhaseResult(
+            phase=task,
+            num_phases=bench.num_tasks,
+            task_classes=[list(c) for c in bench.task_classes],
+            acc_matrix=self.acc_matrix.copy(),
+            task_aware_matrix=self.task_aware_matrix.copy(),
+            metrics=metrics,
+            per_class=per_class,
+        )

@@ -1,0 +1,668 @@
+"""MLflow tracking: one `RunTracker` per MLflow run, plus the checks and links around it.
+
+Everything goes through `MlflowClient` with an explicit tracking URI, never through the fluent
+`mlflow.start_run` API: the fluent API keeps one active run per process, while a sweep driver
+holds a parent run and several trial runs at once. The verbs `run`, `sweep` and `reproduce`
+all log through this module, so it knows runs, phases and configs, but no verb.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import functools
+import getpass
+import importlib.metadata
+import io
+import logging
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from method.config import DATASET_FACTS, RunConfig
+from method.results import PhaseResult
+from pipeline import plots
+from pipeline.config import dump_yaml, flatten
+
+logger = logging.getLogger(__name__)
+
+# MLflow's own default store, as a file in the working directory.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# Without this tag MLflow 3.x opens experiments on its GenAI overview page (design.md, Tracking).
+EXPERIMENT_KIND = "custom_model_development"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+# "Phase t is fully logged": set only after the phase's metrics and artifacts are stored, so a
+# resumed run never trusts a phase that was cut off half way.
+LAST_PHASE_TAG = "imbcil.last_phase"
+ERROR_TAG = "imbcil.error"
+
+# MLflow 3 accepts 6000-character param values, but older servers stop at 500; a config value
+# that long is a list or a path, and its prefix still identifies it.
+PARAM_VALUE_LIMIT = 500
+TAG_VALUE_LIMIT = 5000
+ERROR_MESSAGE_LIMIT = 500
+# log_batch takes at most 100 params or tags per request.
+_BATCH_LIMIT = 100
+_VERSIONED_PACKAGES = ("torch", "torchvision", "mlflow", "ray", "optuna")
+_SECRET_QUERY = re.compile(
+    r"([?&;](?:password|passwd|pwd|secret|token|access_token|api_key|apikey)=)[^&;#]*", re.IGNORECASE
+)
+_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)(.*)$", re.DOTALL)
+
+
+class TrackingError(RuntimeError):
+    """The tracking store is unusable or refused an operation; the message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs
+
+
+def resolve_tracking_uri(cli_uri: str | None) -> str:
+    """The CLI's --tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite file in the working dir."""
+    for candidate in (cli_uri, os.environ.get("MLFLOW_TRACKING_URI")):
+        if candidate and candidate.strip():
+            return candidate.strip()
+    return DEFAULT_TRACKING_URI
+
+
+def redact_uri(uri: str | None) -> str:
+    """The URI with any password (userinfo or query parameter) replaced by `***`, safe to print."""
+    if not uri:
+        return "" if uri is None else uri
+    text = str(uri)
+    match = _AUTHORITY.match(text)
+    if match:
+        scheme, authority, rest = match.groups()
+        if "@" in authority:
+            # rsplit: an unencoded '@' inside the password must not leak its tail.
+            userinfo, host = authority.rsplit("@", 1)
+            if ":" in userinfo:
+                authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
+        text = scheme + authority + rest
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def _without_userinfo(uri: str) -> str:
+    """A clickable form of an http(s) URI: the browser asks for credentials itself."""
+    match = _AUTHORITY.match(uri)
+    if not match:
+        return redact_uri(uri)
+    scheme, authority, rest = match.groups()
+    return redact_uri(scheme + authority.rsplit("@", 1)[-1] + rest)
+
+
+def _scheme(uri: str) -> str:
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    # A Windows drive letter looks like a one-letter scheme.
+    return "" if len(scheme) == 1 else scheme.split("+", 1)[0]
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for an in-memory database)."""
+    rest = uri.split("://", 1)[1] if "://" in uri else ""
+    rest = rest.split("?", 1)[0]
+    if not rest.startswith("/"):
+        return None
+    path = rest[1:]  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
+    if path in ("", ":memory:"):
+        return None
+    return Path(urllib.parse.unquote(path))
+
+
+def _is_http(uri: str) -> bool:
+    return _scheme(uri) in ("http", "https")
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where to look at a run (or, without run_id, the experiment's run table) in the MLflow UI.
+
+    For a local store there is no server, so the answer is the command that starts one and the
+    address it will serve.
+    """
+    fragment = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    if _is_http(tracking_uri):
+        return f"{_without_userinfo(tracking_uri).rstrip('/')}/{fragment}"
+    store = tracking_uri
+    db_path = _sqlite_path(tracking_uri) if _scheme(tracking_uri) == "sqlite" else None
+    if db_path is not None:
+        # Absolute, so the hint works from any directory.
+        store = f"sqlite:///{db_path.absolute()}"
+    return f"mlflow ui --backend-store-uri {redact_uri(store)}  then open http://127.0.0.1:5000/{fragment}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking the store
+
+
+def _short_reason(exc: BaseException, timeout_s: float | None = None) -> str:
+    """One short line saying why a connection or store operation failed."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+        exc = exc.reason
+    if isinstance(exc, (TimeoutError, socket.timeout)) and timeout_s is not None:
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, MlflowException):
+        text = exc.message
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc)
+    return _one_line(text, 300) or type(exc).__name__
+
+
+def _one_line(text: str, limit: int) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quick_http_requests(timeout_s: float) -> Iterator[None]:
+    """MLflow's REST client retries for minutes by default; a probe must fail in seconds."""
+    knobs = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s))),
+    }
+    saved = {key: os.environ.get(key) for key in knobs}
+    os.environ.update(knobs)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_tracking(uri: str, timeout_s: float = 5) -> None:
+    """Fail fast, with one line, when the tracking store cannot be used.
+
+    For a local or database store this also creates the store's schema, once, here: parallel
+    trials that each opened a fresh SQLite file would race on MLflow's schema migration.
+    """
+    scheme = _scheme(uri)
+    try:
+        if scheme in ("http", "https"):
+            _check_http(uri, timeout_s)
+        elif scheme == "sqlite":
+            _check_sqlite(uri)
+            MlflowClient(uri).search_experiments(max_results=1)
+        elif scheme in ("", "file"):
+            _check_writable_dir(Path(urllib.parse.urlsplit(uri).path if scheme else uri), uri)
+            MlflowClient(uri).search_experiments(max_results=1)
+        elif scheme in ("postgresql", "mysql", "mssql"):
+            _check_database(uri, timeout_s)
+            MlflowClient(uri).search_experiments(max_results=1)
+        else:
+            MlflowClient(uri).search_experiments(max_results=1)
+    except TrackingError:
+        raise
+    except Exception as exc:
+        raise TrackingError(f"tracking store {redact_uri(uri)} is not usable: {_short_reason(exc, timeout_s)}") from exc
+
+
+def _unreachable(uri: str, reason: str) -> TrackingError:
+    return TrackingError(f"tracking server {redact_uri(uri)} is not reachable: {reason}")
+
+
+def _check_http(uri: str, timeout_s: float) -> None:
+    url = uri.rstrip("/") + "/health"
+    match = _AUTHORITY.match(url)
+    headers = {}
+    if match and "@" in match.group(2):
+        # urllib does not take credentials from the URL; MLflow's client (requests) does.
+        userinfo, host = match.group(2).rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
+        url = match.group(1) + host + match.group(3)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as reply:
+            reply.read(256)
+    except urllib.error.HTTPError as exc:
+        raise _unreachable(uri, f"{redact_uri(url)} answered {_short_reason(exc)}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise _unreachable(uri, _short_reason(exc, timeout_s)) from None
+    # /health answers without credentials; the API call shows that the client may log.
+    try:
+        with _quick_http_requests(timeout_s):
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        raise _unreachable(uri, _short_reason(exc, timeout_s)) from None
+
+
+def _check_writable_dir(path: Path, uri: str) -> None:
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise TrackingError(f"tracking store {redact_uri(uri)} is not usable: directory {existing} is not writable")
+
+
+def _check_sqlite(uri: str) -> None:
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    _check_writable_dir(path.absolute().parent, uri)
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise TrackingError(f"tracking store {redact_uri(uri)} is not usable: {path} is not writable")
+
+
+def _check_database(uri: str, timeout_s: float) -> None:
+    """One plain connection first: MLflow's own engine setup retries for about 100 s."""
+    parts = urllib.parse.urlsplit(uri)
+    default_ports = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+    host, port = parts.hostname or "localhost", parts.port or default_ports[_scheme(uri)]
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise _unreachable(uri, _short_reason(exc, timeout_s)) from None
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:
+        reason = getattr(exc, "orig", None) or exc
+        raise _unreachable(uri, _short_reason(reason, timeout_s)) from None
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiments
+
+
+def _local_artifact_location(tracking_uri: str, name: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database file.
+
+    MLflow's default would be ./mlruns of whichever directory the first process ran in, which
+    scatters one store's artifacts over working directories.
+    """
+    if _scheme(tracking_uri) != "sqlite":
+        return None
+    path = _sqlite_path(tracking_uri)
+    if path is None:
+        return None
+    # Runs write under <location>/<run_id>, so two names that map to one folder cannot clash.
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:100] or "experiment"
+    return (path.absolute().parent / "mlruns" / folder).as_uri()
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of the experiment called `name`, created (and tagged for the training view) if new."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                name,
+                artifact_location=_local_artifact_location(client.tracking_uri, name),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        except MlflowException as exc:
+            # Another process (a parallel trial) created it first.
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"experiment {name!r} is deleted; restore it (mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}) or choose another name"
+        )
+    return experiment.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Run metadata
+
+
+def protocol_name(cfg: RunConfig) -> str:
+    """"LFS-N" (N equal tasks in all) or "LFH-N" (a larger first task, then N tasks), method.md §1."""
+    num_classes = DATASET_FACTS[cfg.data.dataset]["num_classes"]
+    first = cfg.protocol.first_task_classes
+    tasks = cfg.protocol.incremental_tasks
+    if first * tasks == num_classes - first:
+        return f"LFS-{tasks + 1}"
+    return f"LFH-{tasks}"
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def environment_tags() -> dict[str, str]:
+    """Versions that decide whether a number can be reproduced; missing packages are left out."""
+    tags = {"version.python": platform.python_version()}
+    for package in _VERSIONED_PACKAGES:
+        try:
+            tags[f"version.{package}"] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    commit = _git_commit()
+    if commit:
+        tags[GIT_COMMIT_TAG] = commit
+    return tags
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= PARAM_VALUE_LIMIT else text[: PARAM_VALUE_LIMIT - 3] + "..."
+
+
+def _tag_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= TAG_VALUE_LIMIT else text[: TAG_VALUE_LIMIT - 3] + "..."
+
+
+def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+def _write_matrix(path: Path, matrix: np.ndarray) -> None:
+    """Plain numeric CSV, row = after task t, column = task u, NaN written as `nan`."""
+    np.savetxt(path, matrix, delimiter=",", fmt="%.4f")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class RunTracker:
+    """One MLflow run: config, class order, one batch of metrics and artifacts per phase.
+
+    Used as a context manager it always ends the run: FINISHED, KILLED on Ctrl-C, FAILED (with
+    the error as a tag) on any other exception. Given `run_id`, it resumes that run instead of
+    creating one, so a restarted trial keeps one history.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str | None,
+        run_name: str | None = None,
+        *,
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self._acc_by_phase: dict[int, float] = {}
+        self._finished = False
+        extra = {k: _tag_value(v) for k, v in (tags or {}).items() if v is not None}
+        if parent_run_id:
+            extra[PARENT_RUN_TAG] = parent_run_id
+        with self._errors("open the run"):
+            if run_id is None:
+                if not experiment:
+                    raise TrackingError("a new run needs an experiment name")
+                self._experiment_id = experiment_id(self.client, experiment)
+                run = self.client.create_run(self._experiment_id, tags={"mlflow.user": _user(), **extra}, run_name=run_name)
+                self._run_id = run.info.run_id
+                self.resumed = False
+            else:
+                run = self._existing_run(run_id, experiment)
+                self._run_id = run_id
+                self._experiment_id = run.info.experiment_id
+                self.client.update_run(run_id, status="RUNNING")
+                if extra:
+                    self._log_tags(extra)
+                self._acc_by_phase = self._acc_history()
+                self.resumed = True
+
+    # -- identity ------------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def experiment_id(self) -> str:
+        return self._experiment_id
+
+    @property
+    def accuracy_per_phase(self) -> list[float]:
+        """`acc` of phases 0..last logged (NaN where a phase had none), as drawn in acc_curve.png."""
+        if not self._acc_by_phase:
+            return []
+        return [self._acc_by_phase.get(p, math.nan) for p in range(max(self._acc_by_phase) + 1)]
+
+    @property
+    def url(self) -> str:
+        return run_url(self.tracking_uri, self._experiment_id, self._run_id)
+
+    # -- errors --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """MLflow's exceptions carry response bodies and tracebacks; callers get one line."""
+        try:
+            yield
+        except TrackingError:
+            raise
+        except MlflowException as exc:
+            raise TrackingError(f"could not {action} in {redact_uri(self.tracking_uri)}: {_short_reason(exc)}") from exc
+        except OSError as exc:
+            # requests' connection errors are OSErrors too.
+            raise TrackingError(f"could not {action} in {redact_uri(self.tracking_uri)}: {_short_reason(exc)}") from exc
+
+    def _existing_run(self, run_id: str, experiment: str | None):
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise TrackingError(f"run {run_id} not found in {redact_uri(self.tracking_uri)}") from None
+            raise
+        if run.info.lifecycle_stage == "deleted":
+            raise TrackingError(f"run {run_id} is deleted; restore it (mlflow runs restore --run-id {run_id}) to resume")
+        if experiment:
+            actual = self.client.get_experiment(run.info.experiment_id).name
+            if actual != experiment:
+                raise TrackingError(f"run {run_id} belongs to experiment {actual!r}, not {experiment!r}")
+        return run
+
+    def _acc_history(self) -> dict[int, float]:
+        """Accuracy per fully logged phase, from the run's metric history (for a resumed run)."""
+        last = self.last_logged_phase()
+        if last is None:
+            return {}
+        latest: dict[int, Metric] = {}
+        for metric in self.client.get_metric_history(self._run_id, "acc"):
+            # A phase logged twice (cut off, then redone) keeps its newest value.
+            if metric.step <= last and (metric.step not in latest or metric.timestamp >= latest[metric.step].timestamp):
+                latest[metric.step] = metric
+        return {step: metric.value for step, metric in sorted(latest.items())}
+
+    def _log_tags(self, tags: Mapping[str, str]) -> None:
+        items = [RunTag(key, _tag_value(value)) for key, value in tags.items()]
+        for chunk in _chunks(items, _BATCH_LIMIT):
+            self.client.log_batch(self._run_id, tags=chunk, synchronous=True)
+
+    # -- per run -------------------------------------------------------------------------------
+
+    def log_config(self, cfg: RunConfig, extra_tags: Mapping[str, Any] | None = None) -> None:
+        """The full config as params (dotted keys) and `config.yaml`, plus searchable tags.
+
+        Params cannot change once logged; a resumed run skips those it has and refuses a config
+        that differs, since its history would then mix two configs.
+        """
+        with self._errors("log the config"):
+            params = {key: _param_value(value) for key, value in flatten(cfg).items()}
+            existing = self.client.get_run(self._run_id).data.params
+            changed = [key for key, value in params.items() if key in existing and existing[key] != value]
+            if changed:
+                key = changed[0]
+                raise TrackingError(
+                    f"run {self._run_id} was logged with {key}={existing[key]}, the config now says "
+                    f"{key}={params[key]}; params cannot change, start a new run"
+                )
+            todo = [Param(key, value) for key, value in params.items() if key not in existing]
+            for chunk in _chunks(todo, _BATCH_LIMIT):
+                self.client.log_batch(self._run_id, params=chunk, synchronous=True)
+            tags = {
+                "learner": cfg.learner.name,
+                "dataset": cfg.data.dataset,
+                "scenario": cfg.data.scenario,
+                "protocol": protocol_name(cfg),
+                "seed": cfg.seed,
+                **environment_tags(),
+            }
+            tags.update({k: v for k, v in (extra_tags or {}).items() if v is not None})
+            self._log_tags(tags)
+            self.client.log_text(self._run_id, dump_yaml(cfg), "config.yaml")
+
+    def log_class_order(self, class_order: Sequence[int], class_names: Sequence[str] = ()) -> None:
+        """`class_order.csv`: position (the label the model uses), original label, class name.
+
+        `class_names[original_label]` is the dataset's name of that class (may be empty).
+        """
+        if class_names and len(class_names) < max(class_order, default=-1) + 1:
+            raise ValueError(f"class_names has {len(class_names)} names, class order uses label {max(class_order)}")
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["position", "original_label", "name"])
+        for position, original in enumerate(class_order):
+            writer.writerow([position, int(original), class_names[original] if class_names else ""])
+        with self._errors("log the class order"):
+            self.client.log_text(self._run_id, buffer.getvalue(), "class_order.csv")
+
+    # -- per phase -----------------------------------------------------------------------------
+
+    def log_phase(self, result: PhaseResult) -> None:
+        """Metrics at step = phase in one request, the phase's artifacts, then the done-marker."""
+        t = result.phase
+        now = int(time.time() * 1000)
+        metrics = []
+        for key, value in result.metrics.items():
+            if value is None or math.isnan(float(value)):
+                continue
+            metrics.append(Metric(key, float(value), now, t))
+        acc = result.metrics.get("acc")
+        # A re-logged phase makes later points stale.
+        self._acc_by_phase = {p: v for p, v in self._acc_by_phase.items() if p < t}
+        if acc is not None and not math.isnan(float(acc)):
+            self._acc_by_phase[t] = float(acc)
+
+        with self._errors(f"log phase {t}"), tempfile.TemporaryDirectory(prefix="imbcil-phase-") as tmp:
+            self.client.log_batch(self._run_id, metrics=metrics, synchronous=True)
+            root = Path(tmp)
+            folder = root / f"phase_{t}"
+            folder.mkdir()
+            seen = slice(0, t + 1)
+            acc_matrix = np.asarray(result.acc_matrix, dtype=float)[seen, seen]
+            _write_matrix(folder / "acc_matrix.csv", acc_matrix)
+            _write_matrix(folder / "task_aware_matrix.csv", np.asarray(result.task_aware_matrix, dtype=float)[seen, seen])
+            plots.accuracy_heatmap(acc_matrix, folder / "acc_heatmap.png", title=f"accuracy after phase {t}")
+            if len(result.per_class.get("head_weight_norm", ())) > 0:
+                # In phase 0 every class is new, so the shot groups say more than old/new.
+                new_labels = result.task_classes[t] if t > 0 else None
+                plots.weight_norm_plot(
+                    result.per_class, folder / "weight_norms.png", new_labels=new_labels, title=f"head weight norms, phase {t}"
+                )
+            pq.write_table(pa.table(dict(result.per_class)), folder / "per_class.parquet")
+            torch.save(result.state, folder / "checkpoint.pt")
+            curve = [self._acc_by_phase.get(p, math.nan) for p in range(t + 1)]
+            plots.accuracy_curve(curve, root / "acc_curve.png", label="acc")
+            self.client.log_artifacts(self._run_id, tmp)
+            self.client.set_tag(self._run_id, LAST_PHASE_TAG, str(t))
+
+    def last_logged_phase(self) -> int | None:
+        """The last phase whose metrics and artifacts are all stored (None before phase 0 is)."""
+        with self._errors("read the run"):
+            value = self.client.get_run(self._run_id).data.tags.get(LAST_PHASE_TAG)
+        return int(value) if value is not None else None
+
+    def phase_logged(self, phase: int) -> bool:
+        last = self.last_logged_phase()
+        return last is not None and phase <= last
+
+    def load_checkpoint(self, phase: int | None = None) -> dict[str, Any]:
+        """The state saved with `phase` (default: the last fully logged phase), on the CPU."""
+        if phase is None:
+            phase = self.last_logged_phase()
+            if phase is None:
+                raise TrackingError(f"run {self._run_id} has no fully logged phase to resume from")
+        with self._errors(f"download the checkpoint of phase {phase}"), tempfile.TemporaryDirectory(prefix="imbcil-ckpt-") as tmp:
+            local = self.client.download_artifacts(self._run_id, f"phase_{phase}/checkpoint.pt", tmp)
+            return torch.load(local, map_location="cpu", weights_only=False)
+
+    # -- ending --------------------------------------------------------------------------------
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """End the run with `status` (FINISHED, FAILED, KILLED); `error` becomes a one-line tag."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status must be FINISHED, FAILED or KILLED (got {status!r})")
+        if self._finished:
+            return
+        with self._errors("end the run"):
+            if error is not None:
+                self.client.set_tag(self._run_id, ERROR_TAG, _one_line(error, ERROR_MESSAGE_LIMIT))
+            self.client.set_terminated(self._run_id, status=status)
+        self._finished = True
+
+    def __enter__(self) -> RunTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self.finish("FINISHED")
+            return False
+        if isinstance(exc, KeyboardInterrupt):
+            status, error = "KILLED", None
+        else:
+            status, error = "FAILED", str(exc) or type(exc).__name__
+        try:
+            self.finish(status, error=error)
+        except Exception as close_exc:  # the original exception matters more
+            logger.warning("could not mark run %s %s: %s", self._run_id, status, close_exc)
+        return False
