@@ -85,9 +85,10 @@ class IncrementalNet(nn.Module):
     the DGR step can treat all head rows as one (num_seen_classes, feature_dim) matrix.
     """
 
-    def __init__(self, backbone: str) -> None:
+    def __init__(self, backbone: str | nn.Module) -> None:
         super().__init__()
-        self.backbone = BACKBONES[backbone]()
+        # A module (with a `feature_dim`) is accepted too, for small test models.
+        self.backbone = BACKBONES[backbone]() if isinstance(backbone, str) else backbone
         dim = self.backbone.feature_dim
         self.head_weight = nn.Parameter(torch.empty(0, dim))
         self.head_bias = nn.Parameter(torch.empty(0))

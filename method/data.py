@@ -146,6 +146,12 @@ def load_raw(data: DataConfig) -> RawData:
         folder = root / CIFAR_FOLDERS[data.dataset]
         if not folder.is_dir() and data.download:
             _download_cifar(data.dataset, root)
+        if not folder.is_dir() and data.dataset == "cifar10" and data.source == "auto":
+            # auto looked for the offline Parquet file first: name both places, not just the folder.
+            raise DataError(
+                f"CIFAR-10 not found: neither {root / PARQUET_FILE} nor {folder} exists; point "
+                f"--data-root / IMBCIL_DATA at the folder holding {PARQUET_FILE} (or cifar-10-batches-py)"
+            )
         return _read_cifar_folder(data.dataset, folder)
     return _read_file_lists(root)
 

@@ -52,6 +52,46 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def training_step(
+    model: IncrementalNet,
+    old_model: Optional[IncrementalNet],
+    learner,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    autocast: Callable[[], Any] = nullcontext,
+) -> torch.Tensor:
+    """One SGD step of any learner; returns the loss as a device tensor, with no host sync.
+
+    The heads' gradient is assembled from the per-term logit gradients (reweighting.py) and the
+    backbone receives the plain gradient of the summed loss in a single backward pass.
+    """
+    with autocast():
+        features = model.backbone(x)
+    head_features = features.detach().float()  # (B, D)
+    weight, bias = model.head_weight, model.head_bias
+    logits = F.linear(head_features, weight.detach(), bias.detach()).requires_grad_()  # (B, C)
+    old_logits = None
+    if learner.distills and old_model is not None:
+        with torch.no_grad(), autocast():
+            old_logits = old_model(x)[:, : learner.ctx.num_old].float()
+    terms = learner.loss_terms(logits, old_logits, y)
+    names = list(terms)
+    logit_grads = {
+        name: torch.autograd.grad(terms[name], logits, retain_graph=i < len(names) - 1)[0]
+        for i, name in enumerate(names)
+    }
+    head_grad = learner.head_logit_grad(logit_grads, head_features)
+    optimizer.zero_grad(set_to_none=True)
+    weight.grad = head_grad.t() @ head_features
+    bias.grad = head_grad.sum(dim=0)
+    backbone_grad = sum(logit_grads.values()) @ weight.detach()  # (B, D) = dL/dfeatures
+    features.backward(backbone_grad.to(features.dtype))
+    # Weight decay is applied inside the step, after the reweighting (method.md §2).
+    optimizer.step()
+    return sum(term.detach() for term in terms.values())
+
+
 class IncrementalTrainer:
     def __init__(
         self,
@@ -218,7 +258,7 @@ class IncrementalTrainer:
             self.model.train()
             loss_sum = torch.zeros((), device=self.device)
             for batch, (x, y) in enumerate(self.train_images.train_batches(indices, train.batch_size, self.generator)):
-                loss_sum += self.train_step(x, y, ctx, optimizer)
+                loss_sum += training_step(self.model, self.old_model, self.learner, x, y, optimizer, self._autocast)
                 self.progress({"event": "batch", "phase": task, "epoch": epoch, "batch": batch + 1, "batches": batches_per_epoch})
             schedule.step()
             epoch_loss = float(loss_sum) / batches_per_epoch  # one host read per epoch
@@ -230,38 +270,6 @@ class IncrementalTrainer:
                 event["val_acc"] = self._validation_accuracy(ctx.num_seen)
             self.progress(event)
         return epoch_loss, train.epochs * len(indices)
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: TaskContext, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        """One SGD step; returns the (device) loss. No host synchronisation inside.
-
-        The heads' gradient is assembled from the per-term logit gradients (see reweighting.py)
-        and the backbone receives the plain gradient of the summed loss in one backward pass.
-        """
-        model = self.model
-        with self._autocast():
-            features = model.backbone(x)
-        head_features = features.detach().float()  # (B, D)
-        weight, bias = model.head_weight, model.head_bias
-        logits = F.linear(head_features, weight.detach(), bias.detach()).requires_grad_()  # (B, C)
-        old_logits = None
-        if self.learner.distills and self.old_model is not None:
-            with torch.no_grad(), self._autocast():
-                old_logits = self.old_model(x)[:, : ctx.num_old].float()
-        terms = self.learner.loss_terms(logits, old_logits, y)
-        names = list(terms)
-        logit_grads = {
-            name: torch.autograd.grad(terms[name], logits, retain_graph=i < len(names) - 1)[0]
-            for i, name in enumerate(names)
-        }
-        head_grad = self.learner.head_logit_grad(logit_grads, head_features)
-        optimizer.zero_grad(set_to_none=True)
-        weight.grad = head_grad.t() @ head_features
-        bias.grad = head_grad.sum(dim=0)
-        backbone_grad = sum(logit_grads.values()) @ weight.detach()  # (B, D)
-        features.backward(backbone_grad.to(features.dtype))
-        # Weight decay is applied inside the step, after the reweighting (method.md §2).
-        optimizer.step()
-        return sum(term.detach() for term in terms.values())
 
     def _retrain_classifier(self, indices: torch.Tensor, num_seen: int) -> None:
         """Two-stage: refit the heads on class-balanced samples of frozen-backbone features."""

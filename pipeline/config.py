@@ -53,7 +53,8 @@ def config_from_dict(raw: dict[str, Any] | None) -> RunConfig:
 def _one_line(exc: pydantic.ValidationError) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
+    # Stdlib dataclasses report an unknown key as unexpected_keyword_argument, not extra_forbidden.
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"{key}: unknown key"
     value = err.get("input")
     return f"{key}: {err['msg'].lower()} (got {value!r})"
@@ -78,7 +79,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.train.milestones is not None:
         ms = cfg.train.milestones
-        if any(m < 1 for m in ms) or sorted(ms) != list(ms):
+        if any(m < 1 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
             raise ConfigError(f"train.milestones: must be increasing positive epochs (got {ms})")
     if cfg.memory.budget == "total":
         seen_at_end = num_classes

@@ -28,7 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -69,6 +69,7 @@ _VERSIONED_PACKAGES = ("torch", "torchvision", "mlflow", "ray", "optuna")
 _SECRET_QUERY = re.compile(
     r"([?&;](?:password|passwd|pwd|secret|token|access_token|api_key|apikey)=)[^&;#]*", re.IGNORECASE
 )
+_EMBEDDED_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s/?#:@]*):[^\s/?#]*@")
 _AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)(.*)$", re.DOTALL)
 
 
@@ -173,7 +174,8 @@ def _short_reason(exc: BaseException, timeout_s: float | None = None) -> str:
         text = exc.strerror
     else:
         text = str(exc)
-    return _one_line(text, 300) or type(exc).__name__
+    # Library messages may quote the URL they called, credentials and all.
+    return _one_line(_EMBEDDED_PASSWORD.sub(r"\1:***@", text), 300) or type(exc).__name__
 
 
 def _one_line(text: str, limit: int) -> str:
@@ -182,12 +184,11 @@ def _one_line(text: str, limit: int) -> str:
 
 
 @contextlib.contextmanager
-def _quick_http_requests(timeout_s: float) -> Iterator[None]:
-    """MLflow's REST client retries for minutes by default; a probe must fail in seconds."""
-    knobs = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s))),
-    }
+def _mlflow_env(**knobs: str) -> Iterator[None]:
+    """Set MLflow environment knobs for one call only (they are read per request).
+
+    The environment is process-wide, so keep the block short: other threads see it meanwhile.
+    """
     saved = {key: os.environ.get(key) for key in knobs}
     os.environ.update(knobs)
     try:
@@ -251,7 +252,11 @@ def _check_http(uri: str, timeout_s: float) -> None:
         raise _unreachable(uri, _short_reason(exc, timeout_s)) from None
     # /health answers without credentials; the API call shows that the client may log.
     try:
-        with _quick_http_requests(timeout_s):
+        # MLflow's REST client retries for minutes by default; a probe must fail in seconds.
+        with _mlflow_env(
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+            MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, math.ceil(timeout_s))),
+        ):
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
         raise _unreachable(uri, _short_reason(exc, timeout_s)) from None
@@ -286,7 +291,16 @@ def _check_database(uri: str, timeout_s: float) -> None:
         raise _unreachable(uri, _short_reason(exc, timeout_s)) from None
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        # psycopg2 and the MySQL drivers wait for a silent server for minutes without this.
+        connect_args = {"connect_timeout": max(1, math.ceil(timeout_s))} if _scheme(uri) != "mssql" else {}
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
+    except ModuleNotFoundError as exc:
+        # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3, not psycopg2.
+        hint = " (for psycopg2 write postgresql+psycopg2://)" if uri.startswith("postgresql:") else ""
+        raise TrackingError(
+            f"tracking store {redact_uri(uri)} is not usable: database driver {exc.name!r} is not installed{hint}"
+        ) from None
     try:
         with engine.connect():
             pass
@@ -530,16 +544,27 @@ class RunTracker:
 
     # -- per run -------------------------------------------------------------------------------
 
-    def log_config(self, cfg: RunConfig, extra_tags: Mapping[str, Any] | None = None) -> None:
+    def log_config(
+        self,
+        cfg: RunConfig,
+        extra_tags: Mapping[str, Any] | None = None,
+        *,
+        allow_changed: Collection[str] = (),
+    ) -> None:
         """The full config as params (dotted keys) and `config.yaml`, plus searchable tags.
 
         Params cannot change once logged; a resumed run skips those it has and refuses a config
-        that differs, since its history would then mix two configs.
+        that differs, since its history would then mix two configs. Keys in `allow_changed`
+        (where a run executes, e.g. data.root or device) keep their first value instead.
         """
         with self._errors("log the config"):
             params = {key: _param_value(value) for key, value in flatten(cfg).items()}
             existing = self.client.get_run(self._run_id).data.params
-            changed = [key for key, value in params.items() if key in existing and existing[key] != value]
+            changed = [
+                key
+                for key, value in params.items()
+                if key in existing and existing[key] != value and key not in allow_changed
+            ]
             if changed:
                 key = changed[0]
                 raise TrackingError(
@@ -647,7 +672,10 @@ class RunTracker:
         with self._errors("end the run"):
             if error is not None:
                 self.client.set_tag(self._run_id, ERROR_TAG, _one_line(error, ERROR_MESSAGE_LIMIT))
-            self.client.set_terminated(self._run_id, status=status)
+            # Against a server, set_terminated prints "View run ... at <tracking URI>" to stdout,
+            # credentials included; the verbs print `self.url` instead.
+            with _mlflow_env(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"):
+                self.client.set_terminated(self._run_id, status=status)
         self._finished = True
 
     def __enter__(self) -> RunTracker:

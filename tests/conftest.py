@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -34,9 +35,9 @@ def unused_port() -> int:
     return free_port()
 
 
-@pytest.fixture
-def postgres_uri() -> Iterator[str]:
-    """A fresh, empty database on the local PostgreSQL, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """Create an empty database on the local PostgreSQL, yield its URI, drop it on exit."""
     psycopg2 = pytest.importorskip("psycopg2")
     try:
         admin = psycopg2.connect(connect_timeout=3, **POSTGRES_ADMIN)
@@ -51,9 +52,16 @@ def postgres_uri() -> Iterator[str]:
         yield f"postgresql+psycopg2://{POSTGRES_ADMIN['user']}@{POSTGRES_ADMIN['host']}:{POSTGRES_ADMIN['port']}/{name}"
     finally:
         with admin.cursor() as cursor:
-            # FORCE: a server that died uncleanly may still hold connections.
+            # FORCE: a client that died uncleanly may still hold connections.
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def postgres_uri() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test (skips when PostgreSQL is not there)."""
+    with fresh_postgres_database() as uri:
+        yield uri
 
 
 @dataclass
@@ -105,26 +113,31 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def mlflow_server(request, tmp_path_factory) -> Iterator[Callable[..., MlflowServer]]:
+def mlflow_server(tmp_path_factory) -> Iterator[Callable[..., MlflowServer]]:
     """Factory: `mlflow_server("sqlite")` or `mlflow_server("postgres")` starts a real server.
 
     Artifacts are proxied (`--artifacts-destination`), so clients upload over HTTP exactly as
     they would to a remote server. The postgres variant skips when PostgreSQL is not there.
+    One exit stack holds databases and servers, so each server stops before its database is
+    dropped (a separate `postgres_uri` fixture would be torn down first).
     """
-    started: list[subprocess.Popen] = []
+    cleanup = contextlib.ExitStack()
 
     def start(backend: str = "sqlite") -> MlflowServer:
         root = tmp_path_factory.mktemp(f"mlflow-{backend}")
         if backend == "sqlite":
             store = f"sqlite:///{root / 'db.sqlite'}"
         elif backend == "postgres":
-            store = request.getfixturevalue("postgres_uri")
+            store = cleanup.enter_context(fresh_postgres_database())
         else:
             raise ValueError(f"unknown backend {backend!r} (sqlite or postgres)")
         port = free_port()
         artifacts = root / "artifacts"
         log_path = root / "server.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # The server's GenAI job runner starts eight more Python processes that tracking never
+        # uses; on a small CI machine they double the start-up time.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         command = [
             sys.executable, "-m", "mlflow", "server",
             "--host", "127.0.0.1",
@@ -137,11 +150,35 @@ def mlflow_server(request, tmp_path_factory) -> Iterator[Callable[..., MlflowSer
             process = subprocess.Popen(
                 command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        started.append(process)
+        cleanup.callback(_stop, process)
         server = MlflowServer(f"http://127.0.0.1:{port}", store, artifacts, log_path, process)
         _wait_healthy(server)
         return server
 
-    yield start
-    for process in reversed(started):
-        _stop(process)
+    with cleanup:
+        yield start
+
+
+# ----------------------------------------------------------------------------- offline datasets
+
+PARQUET_NAME = "cifar10-jpeg.parquet"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The offline data folder: $IMBCIL_DATA, else `<repo>/../shared/data`; skips without the Parquet file."""
+    configured = os.environ.get("IMBCIL_DATA")
+    root = Path(configured).expanduser() if configured else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (root / PARQUET_NAME).is_file():
+        where = "IMBCIL_DATA" if configured else "the default location"
+        pytest.skip(f"offline CIFAR-10 not found: {root / PARQUET_NAME} ({where}) does not exist")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar10_raw(data_root: Path):
+    """The decoded CIFAR-10 Parquet file (a few seconds to read), shared by the whole session."""
+    from method.config import DataConfig
+    from method.data import load_raw
+
+    return load_raw(DataConfig(dataset="cifar10", root=str(data_root)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -51,7 +52,18 @@ def make_result(phase: int, num_phases: int = NUM_PHASES) -> PhaseResult:
     return PhaseResult(phase, num_phases, TASK_CLASSES, acc, task_aware, metrics, per_class, state)
 
 
-def sqlite_uri(tmp_path) -> str:
+@pytest.fixture(scope="session")
+def migrated_sqlite_store(tmp_path_factory):
+    """One store with MLflow's schema, built once: the migration takes seconds per database."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    tracking.check_tracking(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def uri(tmp_path, migrated_sqlite_store) -> str:
+    """A private, already migrated SQLite store in the test's tmp_path."""
+    shutil.copyfile(migrated_sqlite_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
@@ -85,7 +97,7 @@ def test_resolve_tracking_uri(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "uri, expected",
+    "raw, expected",
     [
         ("postgresql://bob:s3cret@db:5432/mlflow", "postgresql://bob:***@db:5432/mlflow"),
         ("postgresql+psycopg2://bob:p@ss:w@db/mlflow", "postgresql+psycopg2://bob:***@db/mlflow"),
@@ -98,8 +110,8 @@ def test_resolve_tracking_uri(monkeypatch):
         ("", ""),
     ],
 )
-def test_redact_uri(uri, expected):
-    assert tracking.redact_uri(uri) == expected
+def test_redact_uri(raw, expected):
+    assert tracking.redact_uri(raw) == expected
 
 
 def test_run_url():
@@ -142,6 +154,15 @@ def test_check_tracking_rejects_unwritable_location(tmp_path):
         tracking.check_tracking(f"sqlite:///{blocker / 'mlflow.db'}")
 
 
+def test_check_tracking_missing_database_fails_fast(postgres_uri):
+    missing = postgres_uri.rsplit("/", 1)[0] + "/imbcil_no_such_database"
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match="does not exist") as info:
+        tracking.check_tracking(missing)
+    assert time.monotonic() - start < 10  # MLflow's own engine setup would retry for ~100 s
+    assert "\n" not in str(info.value)
+
+
 def test_protocol_names():
     cfg = RunConfig()
     assert tracking.protocol_name(cfg) == "LFS-10"  # CIFAR-100 10 + 9x10
@@ -154,8 +175,8 @@ def test_protocol_names():
     assert tracking.protocol_name(cfg) == "LFH-5"
 
 
-def test_experiment_get_or_create_is_tagged(tmp_path):
-    client = MlflowClient(sqlite_uri(tmp_path))
+def test_experiment_get_or_create_is_tagged(tmp_path, uri):
+    client = MlflowClient(uri)
     first = tracking.experiment_id(client, "sweep a/b")
     assert tracking.experiment_id(client, "sweep a/b") == first
     experiment = client.get_experiment(first)
@@ -171,8 +192,7 @@ def test_experiment_get_or_create_is_tagged(tmp_path):
 # A full run
 
 
-def test_run_logs_config_phases_and_artifacts(tmp_path):
-    uri = sqlite_uri(tmp_path)
+def test_run_logs_config_phases_and_artifacts(tmp_path, uri):
     cfg = RunConfig()
     cfg.data.dataset = "cifar10"
     cfg.protocol.first_task_classes, cfg.protocol.incremental_tasks = 2, 4
@@ -247,8 +267,7 @@ def test_run_logs_config_phases_and_artifacts(tmp_path):
         assert_states_equal(state, result.state)
 
 
-def test_error_inside_run_marks_it_failed(tmp_path):
-    uri = sqlite_uri(tmp_path)
+def test_error_inside_run_marks_it_failed(uri):
     with pytest.raises(ValueError, match="boom"):
         with RunTracker(uri, "imbcil-test") as tracker:
             tracker.log_phase(make_result(0))
@@ -260,8 +279,7 @@ def test_error_inside_run_marks_it_failed(tmp_path):
     assert len(error) <= tracking.ERROR_MESSAGE_LIMIT
 
 
-def test_keyboard_interrupt_marks_run_killed(tmp_path):
-    uri = sqlite_uri(tmp_path)
+def test_keyboard_interrupt_marks_run_killed(uri):
     with pytest.raises(KeyboardInterrupt):
         with RunTracker(uri, "imbcil-test") as tracker:
             raise KeyboardInterrupt
@@ -270,8 +288,7 @@ def test_keyboard_interrupt_marks_run_killed(tmp_path):
     assert tracking.ERROR_TAG not in run.data.tags
 
 
-def test_child_run_carries_parent(tmp_path):
-    uri = sqlite_uri(tmp_path)
+def test_child_run_carries_parent(uri):
     with RunTracker(uri, "sweep", "parent") as parent:
         with RunTracker(uri, "sweep", "trial-0", parent_run_id=parent.run_id) as child:
             pass
@@ -281,8 +298,7 @@ def test_child_run_carries_parent(tmp_path):
     assert child.url.endswith(f"#/experiments/{parent.experiment_id}/runs/{child.run_id}")
 
 
-def test_resume_continues_the_same_run(tmp_path):
-    uri = sqlite_uri(tmp_path)
+def test_resume_continues_the_same_run(uri):
     cfg = RunConfig()
     results = [make_result(t) for t in range(NUM_PHASES)]
     with pytest.raises(RuntimeError, match="node lost"):
@@ -306,17 +322,20 @@ def test_resume_continues_the_same_run(tmp_path):
         changed.train.lr = 0.05
         with pytest.raises(TrackingError, match="train.lr"):
             resumed.log_config(changed)
+        moved = RunConfig()
+        moved.data.root = "/elsewhere"
+        resumed.log_config(moved, allow_changed={"data.root"})  # where it runs may change
         resumed.log_phase(results[2])
         assert resumed.accuracy_per_phase == pytest.approx([r.metrics["acc"] for r in results])
 
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
+    assert run.data.params["data.root"] == "None"  # the first value stays
     assert run.data.tags[tracking.LAST_PHASE_TAG] == "2"
     assert [m.step for m in client.get_metric_history(first.run_id, "acc")] == [0, 1, 2]
 
 
-def test_resume_refuses_unknown_or_foreign_runs(tmp_path):
-    uri = sqlite_uri(tmp_path)
+def test_resume_refuses_unknown_or_foreign_runs(uri):
     with pytest.raises(TrackingError, match="not found"):
         RunTracker(uri, "imbcil-test", run_id="0" * 32)
     with RunTracker(uri, "one") as tracker:
@@ -325,8 +344,8 @@ def test_resume_refuses_unknown_or_foreign_runs(tmp_path):
         RunTracker(uri, "other", run_id=tracker.run_id)
 
 
-def test_load_checkpoint_without_phases(tmp_path):
-    with RunTracker(sqlite_uri(tmp_path), "imbcil-test") as tracker:
+def test_load_checkpoint_without_phases(uri):
+    with RunTracker(uri, "imbcil-test") as tracker:
         with pytest.raises(TrackingError, match="no fully logged phase"):
             tracker.load_checkpoint()
 
@@ -335,7 +354,7 @@ def test_load_checkpoint_without_phases(tmp_path):
 # Real servers
 
 
-def _log_two_phases_over_http(server_url: str, tmp_path) -> str:
+def _log_two_phases_over_http(server_url: str, tmp_path, capsys) -> str:
     tracking.check_tracking(server_url)
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the probe's knobs are undone
     results = [make_result(0), make_result(1)]
@@ -345,6 +364,7 @@ def _log_two_phases_over_http(server_url: str, tmp_path) -> str:
             tracker.log_phase(result)
         assert_states_equal(tracker.load_checkpoint(), results[1].state)
         assert tracker.url == f"{server_url}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+    assert "View run" not in capsys.readouterr().out  # MLflow's own link print is suppressed
     client = MlflowClient(server_url)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
@@ -356,15 +376,15 @@ def _log_two_phases_over_http(server_url: str, tmp_path) -> str:
     return tracker.run_id
 
 
-def test_real_server_with_sqlite_backend(mlflow_server, tmp_path):
+def test_real_server_with_sqlite_backend(mlflow_server, tmp_path, capsys):
     server = mlflow_server("sqlite")
-    run_id = _log_two_phases_over_http(server.url, tmp_path)
+    run_id = _log_two_phases_over_http(server.url, tmp_path, capsys)
     # Uploads went through the server's proxy into its artifact destination.
     assert list(server.artifacts_dir.rglob(f"{run_id}/artifacts/phase_1/checkpoint.pt"))
 
 
-def test_real_server_with_postgres_backend(mlflow_server, tmp_path):
+def test_real_server_with_postgres_backend(mlflow_server, tmp_path, capsys):
     server = mlflow_server("postgres")
     assert server.backend_store_uri.startswith("postgresql")
-    run_id = _log_two_phases_over_http(server.url, tmp_path)
+    run_id = _log_two_phases_over_http(server.url, tmp_path, capsys)
     assert list(server.artifacts_dir.rglob(f"{run_id}/artifacts/phase_0/per_class.parquet"))

@@ -1,0 +1,142 @@
+"""`imbcil run`: one training run, logged phase by phase into one MLflow run.
+
+`train_tracked` is the piece the sweep and reproduce verbs reuse: it continues a tracked run
+after its last fully logged phase, so a restarted run never redoes or duplicates a phase.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from method.config import RunConfig
+from method.data import Benchmark, build_benchmark
+from method.results import PhaseResult
+from method.trainer import IncrementalTrainer, ProgressCallback
+from pipeline.config import ConfigError, config_from_dict, flatten, load_config, read_yaml
+from pipeline.tracking import RunTracker, TrackingError, check_tracking, resolve_tracking_uri
+
+DATA_ENV = "IMBCIL_DATA"
+
+
+def apply_cli_options(cfg: RunConfig, data_root: Optional[str] = None, device: Optional[str] = None) -> RunConfig:
+    """--data-root beats the config's data.root, which beats IMBCIL_DATA."""
+    if data_root:
+        cfg.data.root = data_root
+    elif not cfg.data.root and os.environ.get(DATA_ENV):
+        cfg.data.root = os.environ[DATA_ENV]
+    if device:
+        cfg.device = device
+    return cfg
+
+
+def logged_config(tracker: RunTracker) -> RunConfig:
+    """The config a run was started with (its config.yaml artifact)."""
+    with tempfile.TemporaryDirectory(prefix="imbcil-config-") as tmp:
+        try:
+            path = tracker.client.download_artifacts(tracker.run_id, "config.yaml", tmp)
+        except Exception:
+            raise TrackingError(f"run {tracker.run_id} has no config.yaml artifact; it was not started by imbcil") from None
+        return config_from_dict(read_yaml(path))
+
+
+def same_config_or_error(given: RunConfig, logged: RunConfig) -> None:
+    ours, theirs = flatten(given), flatten(logged)
+    for key, value in theirs.items():
+        if key in ("data.root", "device", "data.num_workers"):  # where/how it runs, not what
+            continue
+        if ours.get(key) != value:
+            raise ConfigError(f"{key}: the run to resume was logged with {value!r}, the config now says {ours.get(key)!r}")
+
+
+def train_tracked(
+    cfg: RunConfig,
+    tracker: RunTracker,
+    *,
+    benchmark: Optional[Benchmark] = None,
+    progress: Optional[ProgressCallback] = None,
+    on_phase: Optional[Callable[[PhaseResult], None]] = None,
+    extra_tags: Optional[dict] = None,
+) -> list[PhaseResult]:
+    """Train the phases the run has not logged yet, logging each one as soon as it ends."""
+    last = tracker.last_logged_phase()
+    state = tracker.load_checkpoint(last) if last is not None else None
+    trainer = IncrementalTrainer(cfg, benchmark=benchmark, progress=progress)
+    if state is None:
+        tracker.log_config(cfg, extra_tags)
+        tracker.log_class_order(trainer.benchmark.class_order, _names_by_original_label(trainer.benchmark))
+    results = []
+    for result in trainer.phases(resume_state=state):
+        tracker.log_phase(result)
+        results.append(result)
+        if on_phase is not None:
+            on_phase(result)
+    return results
+
+
+def _names_by_original_label(benchmark: Benchmark) -> list[str]:
+    names = [""] * benchmark.num_classes
+    for position, original in enumerate(benchmark.class_order):
+        names[original] = benchmark.class_names[position]
+    return names
+
+
+@dataclass
+class RunOutcome:
+    tracker: RunTracker
+    results: list[PhaseResult]
+    metrics_by_phase: list[dict[str, float]]
+
+
+def run_command(
+    config_path: Optional[str],
+    overrides: list[str],
+    *,
+    data_root: Optional[str],
+    tracking_uri: Optional[str],
+    experiment: Optional[str],
+    device: Optional[str],
+    resume: Optional[str],
+    progress: Optional[ProgressCallback] = None,
+) -> RunOutcome:
+    """Everything `imbcil run` does; every check that can fail runs before training starts."""
+    uri = resolve_tracking_uri(tracking_uri)
+    given = None
+    if config_path is not None or overrides or not resume:
+        given = apply_cli_options(load_config(config_path, overrides), data_root, device)
+    if resume:
+        check_tracking(uri)
+        tracker = RunTracker(uri, experiment, run_id=resume)
+        try:
+            cfg = apply_cli_options(logged_config(tracker), data_root, device)
+            if given is not None:
+                same_config_or_error(given, cfg)
+            benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed)
+        except BaseException:
+            tracker.finish("FAILED", error="resume refused: the config or data did not match")
+            raise
+    else:
+        cfg = given
+        benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed)  # a missing dataset fails here
+        check_tracking(uri)
+        tracker = RunTracker(uri, experiment or cfg.name, run_name=cfg.name)
+    previous = tracker.accuracy_per_phase
+    with tracker:
+        results = train_tracked(cfg, tracker, benchmark=benchmark, progress=progress)
+    metrics = _metric_rows(tracker, len(previous)) + [r.metrics for r in results]
+    return RunOutcome(tracker, results, metrics)
+
+
+def _metric_rows(tracker: RunTracker, phases: int) -> list[dict[str, float]]:
+    """Metrics of phases logged before a resume, read back from MLflow for the final table."""
+    if phases == 0:
+        return []
+    rows = [dict() for _ in range(phases)]
+    run = tracker.client.get_run(tracker.run_id)
+    for key in run.data.metrics:
+        for metric in tracker.client.get_metric_history(tracker.run_id, key):
+            if metric.step < phases:
+                rows[metric.step][key] = metric.value
+    return rows

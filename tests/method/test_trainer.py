@@ -1,0 +1,119 @@
+"""The phase-by-phase trainer on real CIFAR-10-LT data (a small slice, few epochs, CPU)."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from method.config import RunConfig, resolve_dataset_defaults
+from method.data import build_benchmark
+from method.results import METRIC_NAMES
+from method.trainer import IncrementalTrainer
+
+
+def small_config(data_root, learner="dgr", epochs=1, train_fraction=0.05, **extra):
+    cfg = RunConfig()
+    cfg.data.dataset, cfg.data.root = "cifar10", str(data_root)
+    cfg.data.train_fraction, cfg.data.test_fraction = train_fraction, 0.1
+    cfg.protocol.first_task_classes, cfg.protocol.incremental_tasks = 2, 4
+    cfg.train.epochs, cfg.train.milestones = epochs, [max(1, epochs - 1)]
+    cfg.learner.name = learner
+    cfg.memory.budget = "none" if learner == "finetune" else "per_class"
+    cfg.device = "cpu"
+    for key, value in extra.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return resolve_dataset_defaults(cfg)
+
+
+@pytest.fixture(scope="module")
+def benchmark_factory(cifar10_raw):
+    cache = {}
+
+    def make(cfg):
+        key = (cfg.data.train_fraction, cfg.data.test_fraction, cfg.seed)
+        if key not in cache:
+            cache[key] = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=cifar10_raw)
+        return cache[key]
+
+    return make
+
+
+def run_all(cfg, benchmark, resume_state=None):
+    return list(IncrementalTrainer(cfg, benchmark=benchmark).phases(resume_state))
+
+
+def test_phase_results_hold_every_metric_and_a_consistent_matrix(data_root, benchmark_factory):
+    cfg = small_config(data_root)
+    events = []
+    trainer = IncrementalTrainer(cfg, benchmark=benchmark_factory(cfg), progress=events.append)
+    results = list(trainer.phases())
+    assert [r.phase for r in results] == [0, 1, 2, 3, 4]
+    last = results[-1]
+    assert set(METRIC_NAMES) <= set(last.metrics)
+    # the matrix is lower-triangular, filled row by row
+    assert np.isnan(last.acc_matrix[np.triu_indices(5, 1)]).all()
+    assert not np.isnan(last.acc_matrix[np.tril_indices(5)]).any()
+    expected_aia = np.mean([np.mean(last.acc_matrix[t, : t + 1]) for t in range(5)])
+    assert last.metrics["avg_incremental_acc"] == pytest.approx(expected_aia)
+    assert len(last.per_class["label"]) == 10
+    # memory: 20 per class, or the whole class when it is smaller
+    for count, memory in zip(last.per_class["train_count"], last.per_class["memory_count"]):
+        assert memory == min(20, count)
+    kinds = {e["event"] for e in events}
+    assert {"phase_start", "batch", "epoch_end", "phase_end"} <= kinds
+
+
+def test_resume_from_a_saved_phase_gives_the_same_results(data_root, benchmark_factory):
+    cfg = small_config(data_root)
+    straight = run_all(cfg, benchmark_factory(cfg))
+    # the state goes through torch.save/load, as a checkpoint file does
+    buffer = io.BytesIO()
+    torch.save(straight[1].state, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    resumed = run_all(cfg, benchmark_factory(cfg), resume_state=state)
+    assert [r.phase for r in resumed] == [2, 3, 4]
+    for a, b in zip(straight[2:], resumed):
+        np.testing.assert_array_equal(a.acc_matrix, b.acc_matrix)
+        for name in ("acc", "avg_incremental_acc", "forgetting", "loss"):
+            assert a.metrics[name] == b.metrics[name], name
+    for key, value in straight[-1].state["model"].items():
+        assert torch.equal(value, resumed[-1].state["model"][key]), key
+
+
+def test_resume_refuses_a_checkpoint_of_another_split(data_root, benchmark_factory, cifar10_raw):
+    cfg = small_config(data_root)
+    first = next(IncrementalTrainer(cfg, benchmark=benchmark_factory(cfg)).phases())
+    ordered = small_config(data_root)
+    ordered.data.scenario = "ordered"
+    benchmark = build_benchmark(ordered.data, ordered.protocol, ordered.seed, raw=cifar10_raw)
+    with pytest.raises(ValueError, match="another dataset order"):
+        next(IncrementalTrainer(ordered, benchmark=benchmark).phases(first.state))
+
+
+@pytest.fixture(scope="module")
+def last_accuracy(data_root, benchmark_factory):
+    """Last accuracy of each learner on CIFAR-10-LT LFS-5 (20% of the data, 3 epochs)."""
+    results = {}
+    for learner in ("finetune", "replay", "lwf", "icarl", "wa", "dgr"):
+        cfg = small_config(data_root, learner, epochs=3, train_fraction=0.2)
+        final = run_all(cfg, benchmark_factory(cfg))[-1]
+        assert np.isfinite(final.metrics["loss"])
+        results[learner] = final.metrics["acc"]
+    return results
+
+
+@pytest.mark.e2e
+def test_every_learner_runs_and_memory_beats_finetuning(last_accuracy):
+    assert set(last_accuracy) == {"finetune", "replay", "lwf", "icarl", "wa", "dgr"}
+    assert last_accuracy["dgr"] > last_accuracy["finetune"]
+    assert last_accuracy["replay"] > last_accuracy["finetune"]
+
+
+@pytest.mark.e2e
+def test_two_stage_runs_with_any_learner(data_root, benchmark_factory):
+    cfg = small_config(data_root, "replay", learner__two_stage=True, learner__two_stage_epochs=2)
+    results = run_all(cfg, benchmark_factory(cfg))
+    assert len(results) == 5 and np.isfinite(results[-1].metrics["acc"])
