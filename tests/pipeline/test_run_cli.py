@@ -1,0 +1,175 @@
+"""`imbcil run` end to end on real CIFAR-10-LT, read back through MlflowClient."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from method.results import METRIC_NAMES
+from pipeline.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+# CIFAR-10-LT, 6 base classes + 2 tasks of 2: three phases on 3% of the data, one epoch.
+TINY = [
+    "data.dataset=cifar10", "data.train_fraction=0.03", "data.test_fraction=0.05",
+    "protocol.first_task_classes=6", "protocol.incremental_tasks=2",
+    "train.epochs=1", "train.milestones=[1]", "device=cpu", "name=tiny-run",
+]
+PHASES = 3
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def sqlite_uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def only_run(client):
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1
+    return runs[0]
+
+
+def assert_complete_run(client, run, phases=PHASES):
+    assert run.info.status == "FINISHED"
+    for name in ("acc", "avg_incremental_acc", "forgetting", "loss", "train_images_per_s", "phase_seconds"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == list(range(phases)), name
+    assert set(METRIC_NAMES) - {"acc_few", "acc_medium", "acc_many"} <= set(run.data.metrics)
+    assert run.data.params["train.epochs"] == "1" and run.data.tags["learner"] == "dgr"
+    assert run.data.tags["protocol"] == "LFH-2"
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "class_order.csv", "acc_curve.png"} <= paths
+    last = f"phase_{phases - 1}"
+    files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, last)}
+    assert {"acc_matrix.csv", "acc_heatmap.png", "weight_norms.png", "per_class.parquet", "checkpoint.pt"} <= files
+    local = Path(client.download_artifacts(run.info.run_id, last))
+    matrix = np.loadtxt(local / "acc_matrix.csv", delimiter=",")
+    assert matrix.shape == (phases, phases)
+    assert (local / "acc_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pq.read_table(local / "per_class.parquet").num_rows == 10
+    state = torch.load(local / "checkpoint.pt", weights_only=False)
+    assert state["phase"] == phases - 1 and "model" in state
+
+
+@pytest.mark.e2e
+def test_run_logs_every_phase_into_a_sqlite_store(tmp_path, data_root):
+    code, output = invoke("run", REPO / "configs/quickstart.yaml", *TINY, "--data-root", data_root,
+                          "--tracking-uri", sqlite_uri(tmp_path))
+    assert code == 0, output
+    assert "average incremental accuracy" in output and "MLflow run:" in output
+    client = MlflowClient(sqlite_uri(tmp_path))
+    run = only_run(client)
+    assert run.info.run_id in output
+    assert_complete_run(client, run)
+    final = client.get_metric_history(run.info.run_id, "avg_incremental_acc")
+    assert f"{max(final, key=lambda m: m.step).value:.2f}%" in output
+
+
+@pytest.mark.e2e
+def test_run_against_a_real_mlflow_server(tmp_path, data_root, mlflow_server):
+    server = mlflow_server()
+    code, output = invoke("run", REPO / "configs/quickstart.yaml", *TINY, "--data-root", data_root,
+                          "--tracking-uri", server.url)
+    assert code == 0, output
+    assert f"{server.url}/#/experiments/" in output
+    client = MlflowClient(server.url)
+    assert_complete_run(client, only_run(client))
+
+
+def wait_for_phase(client, experiment_name, phase, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is not None:
+            for run in client.search_runs([experiment.experiment_id]):
+                if int(run.data.tags.get("imbcil.last_phase", -1)) >= phase:
+                    return run.info.run_id
+        time.sleep(0.3)
+    raise AssertionError(f"phase {phase} was not logged within {timeout} s")
+
+
+@pytest.mark.e2e
+def test_killed_run_resumes_without_duplicates_and_equals_a_straight_run(tmp_path, data_root):
+    # Slower phases than TINY (3 epochs), so that the kill lands inside phase 2.
+    config = [*TINY, "train.epochs=3", "train.milestones=[2]", "data.train_fraction=0.05"]
+    uri = sqlite_uri(tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(REPO / "configs/quickstart.yaml"), *config,
+               "--data-root", str(data_root), "--tracking-uri", uri, "--experiment", "interrupted"]
+    client = MlflowClient(uri)
+    client.search_experiments()  # create the store before two processes use it
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        run_id = wait_for_phase(client, "interrupted", 1, process)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert client.get_run(run_id).data.tags["imbcil.last_phase"] == "1"
+
+    code, output = invoke("run", "--resume", run_id, "--data-root", data_root, "--tracking-uri", uri)
+    assert code == 0, output
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    for name in ("acc", "avg_incremental_acc", "loss"):
+        steps = [m.step for m in client.get_metric_history(run_id, name)]
+        assert sorted(steps) == [0, 1, 2], f"{name} logged at steps {steps}"
+
+    code, output = invoke("run", REPO / "configs/quickstart.yaml", *config, "--data-root", data_root,
+                          "--tracking-uri", uri, "--experiment", "straight")
+    assert code == 0, output
+    straight = client.search_runs([client.get_experiment_by_name("straight").experiment_id])[0]
+    for name in ("acc", "avg_incremental_acc", "forgetting", "loss"):
+        assert resumed.data.metrics[name] == straight.data.metrics[name], name
+
+
+def store_is_empty(tmp_path):
+    db = tmp_path / "mlflow.db"
+    if not db.exists():
+        return True
+    client = MlflowClient(sqlite_uri(tmp_path))
+    return all(not client.search_runs([e.experiment_id]) for e in client.search_experiments())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["train.lrr=0.1"], "train.lrr: unknown key"),
+        (["train.lr=-1"], "train.lr: "),
+        (["protocol.incremental_tasks=0"], "protocol.incremental_tasks"),
+        (["--data-root", "/nonexistent/data"], "/nonexistent/data"),
+        (["--tracking-uri", "http://127.0.0.1:9"], "not reachable"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, extra, message):
+    args = ["run", REPO / "configs/quickstart.yaml", *TINY]
+    if "--data-root" not in extra:
+        args += ["--data-root", data_root]
+    if "--tracking-uri" not in extra:
+        args += ["--tracking-uri", sqlite_uri(tmp_path)]
+    code, output = invoke(*args, *extra)
+    assert code == 2, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], output
+    assert store_is_empty(tmp_path)
+
+
+def test_help_lists_the_verbs():
+    code, output = invoke("--help")
+    assert code == 0
+    for verb in ("run", "show-config", "data"):
+        assert verb in output
