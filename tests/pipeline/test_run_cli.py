@@ -173,3 +173,22 @@ def test_help_lists_the_verbs():
     assert code == 0
     for verb in ("run", "show-config", "data"):
         assert verb in output
+
+
+@pytest.mark.e2e
+def test_ctrl_c_ends_the_run_killed_with_exit_130(tmp_path, data_root):
+    uri = sqlite_uri(tmp_path)
+    client = MlflowClient(uri)
+    client.search_experiments()
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(REPO / "configs/quickstart.yaml"), *TINY,
+               "train.epochs=3", "--data-root", str(data_root), "--tracking-uri", uri, "--experiment", "ctrl-c"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run_id = wait_for_phase(client, "ctrl-c", 0, process)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, output
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert "error: interrupted" in output and "Traceback" not in output
