@@ -76,6 +76,29 @@ def run_trial(cfg: RunConfig, benchmark) -> dict[str, float]:
     }
 
 
+def _trial_worker(args, mode: str, queue) -> None:
+    cfg = trial_config(args, "dgr", mode)
+    benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed)
+    queue.put(run_trial(cfg, benchmark)["wall_s"])
+
+
+def concurrent_trials(args, mode: str, k: int) -> tuple[float, float]:
+    """K DGR trials in K processes on the same device; returns (wall seconds, trials per minute)."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    start = time.perf_counter()
+    workers = [context.Process(target=_trial_worker, args=(args, mode, queue)) for _ in range(k)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    wall = time.perf_counter() - start
+    done = sum(1 for worker in workers if worker.exitcode == 0)
+    return wall, 60.0 * done / wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True)
@@ -85,6 +108,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--learners", nargs="+", default=["finetune", "replay", "dgr"])
     parser.add_argument("--bare-steps", type=int, default=30)
+    parser.add_argument("--concurrent", type=int, nargs="*", default=[],
+                        help="also run K DGR trials at once on the device, for each K given (e.g. 1 4 8)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), torch {torch.__version__}")
@@ -107,6 +132,9 @@ def main() -> None:
             )
         if "dgr" in rates and "replay" in rates:
             print(f"  DGR step cost over a plain CE replay step: {rates['replay'] / rates['dgr'] - 1:+.1%} time per image")
+        for k in args.concurrent:
+            wall, per_minute = concurrent_trials(args, mode, k)
+            print(f"  {k} DGR trials at once: {wall:.1f} s wall, {per_minute:.1f} trials per minute")
 
 
 if __name__ == "__main__":

@@ -227,3 +227,47 @@ def test_ablation_switches_give_the_plain_head_gradient(switch):
     plain = torch.autograd.grad(sum(learner.loss_terms(model(x), old_logits, y).values()), model.head_weight)[0]
     training_step(model, old_model, learner, x, y, torch.optim.SGD(model.parameters(), lr=0.0))
     assert torch.allclose(model.head_weight.grad, plain, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("task", [0, 1])
+def test_step_runs_on_cuda_without_host_synchronisation(task):
+    head_sizes = [3] if task == 0 else [3, 2]
+    original = [50, 20, 5] + ([40, 8] if task else [])
+    counts = original if task == 0 else [4, 4, 3, 40, 8]
+    ctx = context(task, head_sizes, counts, original)
+    ctx.class_counts, ctx.original_counts = ctx.class_counts.cuda(), ctx.original_counts.cuda()
+    model = tiny_model(head_sizes).cuda()
+    old_model = tiny_model(head_sizes, seed=3).cuda().eval() if task else None
+    learner = make_learner(LearnerConfig(name="dgr"))
+    learner.begin_task(ctx)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(16, 7, device="cuda")
+    y = torch.randint(0, sum(head_sizes), (16,), device="cuda")
+    training_step(model, old_model, learner, x, y, optimizer)  # first step allocates buffers
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            training_step(model, old_model, learner, x, y, optimizer)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(model.head_weight).all()
+
+
+@pytest.mark.parametrize("name", ["finetune", "replay", "lwf", "icarl", "wa"])
+def test_baseline_steps_equal_plain_autograd(name):
+    """Without reweighting, the fused step is ordinary backpropagation of the summed loss."""
+    head_sizes = [3, 2]
+    ctx = context(1, head_sizes, [4, 4, 3, 40, 8], [50, 20, 5, 40, 8])
+    learner = make_learner(LearnerConfig(name=name))
+    learner.begin_task(ctx)
+    torch.manual_seed(7)
+    x, y = torch.randn(12, 7), torch.randint(0, 5, (12,))
+    model, reference = tiny_model(head_sizes), tiny_model(head_sizes)
+    old_model = tiny_model(head_sizes, seed=8).eval()
+    old_logits = old_model(x)[:, :3].detach() if learner.distills else None
+    expected = torch.autograd.grad(sum(learner.loss_terms(reference(x), old_logits, y).values()), list(reference.parameters()))
+    training_step(model, old_model, learner, x, y, torch.optim.SGD(model.parameters(), lr=0.0))
+    for (param_name, p), g in zip(model.named_parameters(), expected):
+        assert torch.allclose(p.grad, g, atol=1e-6), param_name
