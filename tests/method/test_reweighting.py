@@ -96,6 +96,14 @@ def context(task, head_sizes, class_counts, original_counts):
     )
 
 
+def case(task):
+    """Task 0: three classes of 50/20/5 images. Task 1: those three as exemplars (4/4/3) + two new."""
+    head_sizes = [3] if task == 0 else [3, 2]
+    original = [50, 20, 5] + ([40, 8] if task else [])
+    counts = original if task == 0 else [4, 4, 3, 40, 8]
+    return head_sizes, context(task, head_sizes, counts, original)
+
+
 def reference_dgr_step(model, old_model, ctx, x, y, steps, lr=0.1, wd=5e-4, lambda_b=0.7, a=1.0, T=2.0):
     """method.md §3 written row by row with Python floats, using autograd on the full model."""
     params = list(model.parameters())
@@ -161,10 +169,7 @@ def reference_dgr_step(model, old_model, ctx, x, y, steps, lr=0.1, wd=5e-4, lamb
 
 @pytest.mark.parametrize("task", [0, 1])
 def test_fused_dgr_step_matches_per_row_reference(task):
-    head_sizes = [3] if task == 0 else [3, 2]
-    original = [50, 20, 5] + ([40, 8] if task else [])
-    counts = original if task == 0 else [4, 4, 3, 40, 8]
-    ctx = context(task, head_sizes, counts, original)
+    head_sizes, ctx = case(task)
     torch.manual_seed(1)
     x = torch.randn(16, 7)
     y = torch.randint(0, sum(head_sizes), (16,))
@@ -188,8 +193,7 @@ def test_fused_dgr_step_matches_per_row_reference(task):
 
 def test_reweighting_leaves_backbone_gradient_untouched():
     """The backbone gets the plain gradient of L_ce + L_kd, whatever the heads receive."""
-    head_sizes = [3, 2]
-    ctx = context(1, head_sizes, [4, 4, 3, 40, 8], [50, 20, 5, 40, 8])
+    head_sizes, ctx = case(1)
     torch.manual_seed(2)
     x, y = torch.randn(8, 7), torch.randint(0, 5, (8,))
     model = tiny_model(head_sizes)
@@ -211,10 +215,7 @@ def test_reweighting_leaves_backbone_gradient_untouched():
 @pytest.mark.parametrize("switch", ["intra_phase_reweighting", "inter_phase_reweighting"])
 def test_ablation_switches_give_the_plain_head_gradient(switch):
     task = 0 if switch == "intra_phase_reweighting" else 1
-    head_sizes = [3] if task == 0 else [3, 2]
-    original = [50, 20, 5] + ([40, 8] if task else [])
-    counts = original if task == 0 else [4, 4, 3, 40, 8]
-    ctx = context(task, head_sizes, counts, original)
+    head_sizes, ctx = case(task)
     cfg = LearnerConfig(name="dgr")
     setattr(cfg.dgr, switch, False)
     learner = make_learner(cfg)
@@ -232,10 +233,7 @@ def test_ablation_switches_give_the_plain_head_gradient(switch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("task", [0, 1])
 def test_step_runs_on_cuda_without_host_synchronisation(task):
-    head_sizes = [3] if task == 0 else [3, 2]
-    original = [50, 20, 5] + ([40, 8] if task else [])
-    counts = original if task == 0 else [4, 4, 3, 40, 8]
-    ctx = context(task, head_sizes, counts, original)
+    head_sizes, ctx = case(task)
     ctx.class_counts, ctx.original_counts = ctx.class_counts.cuda(), ctx.original_counts.cuda()
     model = tiny_model(head_sizes).cuda()
     old_model = tiny_model(head_sizes, seed=3).cuda().eval() if task else None
@@ -258,8 +256,7 @@ def test_step_runs_on_cuda_without_host_synchronisation(task):
 @pytest.mark.parametrize("name", ["finetune", "replay", "lwf", "icarl", "wa"])
 def test_baseline_steps_equal_plain_autograd(name):
     """Without reweighting, the fused step is ordinary backpropagation of the summed loss."""
-    head_sizes = [3, 2]
-    ctx = context(1, head_sizes, [4, 4, 3, 40, 8], [50, 20, 5, 40, 8])
+    head_sizes, ctx = case(1)
     learner = make_learner(LearnerConfig(name=name))
     learner.begin_task(ctx)
     torch.manual_seed(7)
