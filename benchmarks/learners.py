@@ -9,6 +9,7 @@ average incremental accuracy, the last accuracy and the wall time of each row.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from method.config import RunConfig, resolve_dataset_defaults
@@ -61,7 +62,11 @@ def main() -> None:
     for row in args.rows:
         learner, switches = ROWS[row]
         start = time.perf_counter()
-        results = list(IncrementalTrainer(config(args, learner, switches), benchmark=benchmark).phases())
+        results = []
+        for result in IncrementalTrainer(config(args, learner, switches), benchmark=benchmark).phases():
+            results.append(result)
+            print(f"  {row}: phase {result.phase} acc {result.metrics['acc']:.2f}% "
+                  f"({result.metrics['phase_seconds']:.0f} s)", file=sys.stderr, flush=True)
         final = results[-1].metrics
         print(f"| {row} | {final['avg_incremental_acc']:.2f} | {final['acc']:.2f} | {time.perf_counter() - start:.0f} |", flush=True)
 
