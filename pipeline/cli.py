@@ -12,6 +12,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from method.data import DataError
+from pipeline.check import PreflightError
 from pipeline.config import ConfigError
 from pipeline.display import ProgressDisplay, console, error, phase_table
 from pipeline.tracking import TrackingError
@@ -26,7 +27,9 @@ app = typer.Typer(
 )
 
 # Errors a user can fix: one line, exit 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, TrackingError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DataError, TrackingError, PreflightError, FileNotFoundError,
+)  # fmt: skip
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
@@ -122,6 +125,209 @@ def show_config(
     from pipeline.config import dump_yaml, load_config
 
     print(dump_yaml(load_config(config, overrides or [])), end="")
+
+
+@app.command(
+    "reproduce",
+    epilog=(
+        "Examples:\n\n"
+        "  imbcil reproduce best.yaml --seeds 0 1 2 --full-budget\n\n"
+        "  imbcil reproduce configs/quickstart.yaml configs/quickstart_replay.yaml --seeds 0 1 train.epochs=2\n\n"
+        "  imbcil reproduce best.yaml --seeds 0,1,2 --address 10.0.0.5:6379 --tracking-uri http://mlflow:5000"
+    ),
+)
+@user_facing
+def reproduce_cmd(
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="CONFIG... [KEY=VALUE...]",
+            help="Run config YAML files (several compare learners on one setting), and dotted key=value overrides applied to every config.",
+        ),
+    ],
+    seeds: Annotated[
+        Optional[list[str]],
+        typer.Option("--seeds", help="Seeds, one run per config each: --seeds 0 1 2, --seeds 0,1,2 or --seeds 0 --seeds 1 (default: 0 1 2)."),
+    ] = None,
+    full_budget: Annotated[
+        bool, typer.Option("--full-budget", help="Train with the paper's epochs, schedule and all images, whatever the config says.")
+    ] = False,
+    address: Annotated[
+        Optional[str],
+        typer.Option(help="Ray cluster to run on (HOST:PORT, ray://HOST:PORT or auto); default: a local Ray on 127.0.0.1 when several runs fit."),
+    ] = None,
+    tracking_uri: TrackingUri = None,
+    data_root: DataRoot = None,
+    output: Annotated[
+        Optional[str], typer.Option(help="Folder for results.parquet, report.md and acc_per_phase.png (default: ./reproduce_results/NAME).")
+    ] = None,
+    experiment: Annotated[
+        Optional[str], typer.Option(help="NAME: runs go to the MLflow experiment reproduce/NAME (default: the first config's name).")
+    ] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: each config's device).")] = None,
+    parallel: Annotated[
+        Optional[int],
+        typer.Option(help="Runs at once on this machine (default: CPUs / --cpus-per-run); 1 runs them one after another here, without Ray."),
+    ] = None,
+    cpus_per_run: Annotated[float, typer.Option(help="CPUs Ray reserves for each run.")] = 1.0,
+    gpus_per_run: Annotated[
+        Optional[float],
+        typer.Option(help="GPUs Ray reserves for each run, fractions share one (default: 1 where Ray sees GPUs and the device is not cpu, else 0)."),
+    ] = None,
+) -> None:
+    """Run configs over several seeds; mean +- std next to the paper's number, in MLflow and a report."""
+    from rich.table import Table
+
+    from pipeline.reproduce import reproduce_command
+    from pipeline.report import SUMMARY_HEADERS, SUMMARY_METRICS
+
+    if device is not None and device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device: must be one of auto, cpu, cuda (got {device!r})")
+    outcome = reproduce_command(
+        args, seeds, full_budget=full_budget, address=address, tracking_uri=tracking_uri, data_root=data_root,
+        output=output, experiment=experiment, device=device, parallel=parallel, cpus_per_run=cpus_per_run,
+        gpus_per_run=gpus_per_run,
+    )
+    table = Table(title=f"{outcome.plan.name}: mean ± std over seeds")
+    for column in ("config", "learner", "seeds", *SUMMARY_HEADERS.values()):
+        table.add_column(column, justify="left" if column in ("config", "learner") else "right")
+    for s in outcome.summaries:
+        table.add_row(
+            s.config_name, s.learner, str(len(s.seeds)), *(f"{s.mean[k]:.2f} ± {s.std[k]:.2f}" for k in SUMMARY_METRICS)
+        )
+    console.print(table)
+    console.print(f"report: {outcome.report_path}")
+    console.print(f"MLflow parent run: {outcome.parent_run_id}")
+    console.print(f"open it: {outcome.parent_url}")
+
+
+@app.command("report")
+@user_facing
+def report_cmd(
+    results_dir: Annotated[str, typer.Argument(help="A reproduction's output folder (or its results.parquet).")],
+) -> None:
+    """Re-render report.md and acc_per_phase.png from results.parquet alone, without MLflow."""
+    from pipeline.report import write_report
+
+    console.print(f"report: {write_report(results_dir)}")
+
+
+@app.command(
+    "sweep",
+    epilog=(
+        "Examples:\n\n"
+        "  imbcil sweep sweeps/quickstart.yaml --data-root ../shared/data\n\n"
+        "  imbcil sweep sweeps/cifar100_lt_lfs10.yaml train.epochs=80 --address 10.0.0.5:6379 --storage /shared/ray_results\n\n"
+        "  imbcil sweep sweeps/quickstart.yaml --resume --data-root ../shared/data"
+    ),
+)
+@user_facing
+def sweep_cmd(
+    sweep_file: Annotated[str, typer.Argument(metavar="SWEEP.yaml", help="Sweep file: a base run config, a search space over dotted keys, tune settings.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Overrides of the base config as dotted key=value, e.g. train.epochs=2.")] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="Ray cluster to run on (HOST:PORT or ray://HOST:PORT); default: start Ray on this machine, on 127.0.0.1.")
+    ] = None,
+    storage: Annotated[
+        Optional[str], typer.Option(help="Folder for Ray's results and checkpoints (default ./ray_results); on a cluster, one that every node sees.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep of the same name in --storage; finished trials are kept.")] = False,
+    tracking_uri: TrackingUri = None,
+    data_root: DataRoot = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the sweep's tune.name).")] = None,
+) -> None:
+    """Search hyperparameters with Ray Tune + Optuna: one MLflow run per trial under a sweep run."""
+    from pipeline.sweep import SweepError, leaderboard_table, sweep_command
+
+    def say(line: str) -> None:
+        print(line, flush=True)  # one unwrapped line each: these are log lines, not a layout
+
+    try:
+        outcome = sweep_command(
+            sweep_file, overrides or [], address=address, storage=storage, resume=resume,
+            tracking_uri=tracking_uri, data_root=data_root, experiment=experiment, say=say,
+        )  # fmt: skip
+    except SweepError as exc:
+        error(str(exc))
+        raise typer.Exit(EXIT_USAGE) from None
+    metric = outcome.spec.tune.metric
+    console.print(leaderboard_table(outcome.trials, outcome.spec))
+    best = outcome.best
+    if best is not None:
+        say(f"best trial {best.trial_id}: final {metric} {best.last_value(metric):.4f} (MLflow run {best.mlflow_run_id})")
+    say(f"results table: {outcome.table_path}")
+    say(f"MLflow: {outcome.url}")
+    say(f"sweep wall time: {outcome.wall_seconds:.0f} s")
+    if outcome.interrupted:
+        resume_hint = f"imbcil sweep {sweep_file} --resume" + (f" --storage {storage}" if storage else "")
+        error(f"interrupted: some trials did not finish; continue with: {resume_hint}")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    say(f"export the best config: imbcil export {outcome.experiment_dir} -o best.yaml")
+
+
+@app.command(
+    "export",
+    epilog=(
+        "Examples:\n\n"
+        "  imbcil export ray_results/quickstart -o best.yaml\n\n"
+        "  imbcil export quickstart --rank 2 --metric acc --mode max -o second.yaml"
+    ),
+)
+@user_facing
+def export_cmd(
+    sweep: Annotated[str, typer.Argument(metavar="SWEEP", help="A sweep's results folder (<storage>/<name>) or its MLflow experiment name.")],
+    metric: Annotated[Optional[str], typer.Option(help="Rank by this metric's final value (default: the sweep's tune.metric).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="max or min (default: the sweep's tune.mode).")] = None,
+    rank: Annotated[int, typer.Option(help="Which trial to export: 1 is the best.")] = 1,
+    output: Annotated[str, typer.Option("--output", "-o", help="The YAML file to write.")] = "best.yaml",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Write the complete run config of a sweep's best (or K-th best) finished trial."""
+    from pipeline.export import ExportError, export_command
+
+    try:
+        outcome = export_command(sweep, metric=metric, mode=mode, rank=rank, output=output, tracking_uri=tracking_uri)
+    except ExportError as exc:
+        error(str(exc))
+        raise typer.Exit(EXIT_USAGE) from None
+    console.print(
+        f"trial {outcome.trial_id} (rank {outcome.rank} of {outcome.finished}, final {outcome.metric} "
+        f"{outcome.value:.4f}) -> {outcome.path}",
+        markup=False,
+    )
+    console.print(f"run it with: imbcil run {outcome.path}", markup=False)
+
+
+@app.command(
+    "check",
+    epilog=(
+        "Examples:\n\n"
+        "  imbcil check --tracking-uri http://mlflow:5000\n\n"
+        "  imbcil check sweeps/quickstart.yaml --address 10.0.0.5:6379 --storage /shared/ray_results --data-root /shared/data"
+    ),
+)
+@user_facing
+def check_cmd(
+    config: Annotated[
+        Optional[str], typer.Argument(metavar="SWEEP_OR_CONFIG.yaml", help="A sweep file or run config: its data, trial resources, storage.")
+    ] = None,
+    overrides: Overrides = None,
+    tracking_uri: TrackingUri = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to check (HOST:PORT); default: this machine's resources.")] = None,
+    storage: Annotated[
+        Optional[str], typer.Option(help="Storage folder (or URI) every node must be able to write (default for a sweep: ./ray_results).")
+    ] = None,
+    data_root: DataRoot = None,
+) -> None:
+    """Preflight: tracking store, artifacts, Ray cluster, shared storage and dataset, checked in seconds."""
+    from pipeline.check import check_command, raise_on_failure, results_table
+
+    results = check_command(
+        config, overrides or [], tracking_uri=tracking_uri, address=address, storage=storage, data_root=data_root
+    )
+    console.print(results_table(results))
+    raise_on_failure(results)  # the last line on stderr names the first failed check; exit 2
+    console.print("all checks passed")
 
 
 def main() -> None:

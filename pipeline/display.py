@@ -97,6 +97,9 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def error(message: str) -> None:
-    """One line on stderr; the caller chooses the exit code."""
-    first_line = str(message).strip().splitlines()[0] if str(message).strip() else "unknown error"
+    """One line on stderr, passwords in any URI redacted; the caller chooses the exit code."""
+    from pipeline.tracking import redact_text
+
+    text = redact_text(message).strip()
+    first_line = text.splitlines()[0] if text else "unknown error"
     print(f"error: {first_line}", file=sys.stderr, flush=True)

@@ -23,12 +23,13 @@ import re
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -63,13 +64,18 @@ ERROR_TAG = "imbcil.error"
 PARAM_VALUE_LIMIT = 500
 TAG_VALUE_LIMIT = 5000
 ERROR_MESSAGE_LIMIT = 500
-# log_batch takes at most 100 params or tags per request.
+# log_batch takes at most 100 params or tags, and 1000 metrics, per request.
 _BATCH_LIMIT = 100
+_METRIC_BATCH_LIMIT = 1000
 _VERSIONED_PACKAGES = ("torch", "torchvision", "mlflow", "ray", "optuna")
 _SECRET_QUERY = re.compile(
     r"([?&;](?:password|passwd|pwd|secret|token|access_token|api_key|apikey)=)[^&;#]*", re.IGNORECASE
 )
 _EMBEDDED_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s/?#:@]*):[^\s/?#]*@")
+# `password=...` anywhere in free text: libpq DSNs ("host=db password=x"), query strings, env dumps.
+_SECRET_ASSIGNMENT = re.compile(
+    r"(\b(?:password|passwd|pwd|secret|token|access_token|api_key|apikey)=)[^\s&;,'\"]+", re.IGNORECASE
+)
 _AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)(.*)$", re.DOTALL)
 
 
@@ -104,6 +110,16 @@ def redact_uri(uri: str | None) -> str:
                 authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
         text = scheme + authority + rest
     return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def redact_text(text: Any) -> str:
+    """Free text (an error message, a config value, YAML) with every embedded password as `***`.
+
+    Anything that may hold a URI passes through here before it is logged or printed: exception
+    messages quote the URLs they called, credentials and all.
+    """
+    redacted = _EMBEDDED_PASSWORD.sub(r"\1:***@", str(text))
+    return _SECRET_ASSIGNMENT.sub(r"\1***", redacted)
 
 
 def _without_userinfo(uri: str) -> str:
@@ -175,7 +191,7 @@ def _short_reason(exc: BaseException, timeout_s: float | None = None) -> str:
     else:
         text = str(exc)
     # Library messages may quote the URL they called, credentials and all.
-    return _one_line(_EMBEDDED_PASSWORD.sub(r"\1:***@", text), 300) or type(exc).__name__
+    return _one_line(redact_text(text), 300) or type(exc).__name__
 
 
 def _one_line(text: str, limit: int) -> str:
@@ -183,22 +199,27 @@ def _one_line(text: str, limit: int) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+# The environment is process-wide: one lock keeps two threads' knobs from undoing each other.
+_ENV_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _mlflow_env(**knobs: str) -> Iterator[None]:
-    """Set MLflow environment knobs for one call only (they are read per request).
+    """Set MLflow environment knobs for one call only (MLflow reads them per request).
 
-    The environment is process-wide, so keep the block short: other threads see it meanwhile.
+    Calls inside the block are serialised per process; trials log from their own processes.
     """
-    saved = {key: os.environ.get(key) for key in knobs}
-    os.environ.update(knobs)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with _ENV_LOCK:
+        saved = {key: os.environ.get(key) for key in knobs}
+        os.environ.update(knobs)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def check_tracking(uri: str, timeout_s: float = 5) -> None:
@@ -428,6 +449,99 @@ def _write_matrix(path: Path, matrix: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Riding out an outage of the store
+
+RETRY_ENV = "IMBCIL_TRACKING_RETRY_S"
+DEFAULT_RETRY_TIMEOUT_S = 300.0
+# One request's wait for an answer; MLflow's own default (120 s, 7 retries with backoff) would
+# let a single call outlast the whole retry budget.
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+_FIRST_RETRY_DELAY_S = 0.5
+_MAX_RETRY_DELAY_S = 20.0
+# After the budget ran out once, the run's last calls (marking it FAILED) try once, briefly.
+_LOST_STORE_TIMEOUT_S = 5.0
+# Answers that mean "not now" rather than "never".
+_TRANSIENT_STATUS = frozenset({408, 429, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"})
+# An answer that refused the request before doing anything: safe to repeat even if not idempotent.
+_REFUSED_STATUS = frozenset({429, 503})
+_STATUS_IN_MESSAGE = re.compile(r"error code (\d{3}) != 200")
+RUN_KEY_TAG = "imbcil.run_key"
+
+_T = TypeVar("_T")
+
+
+def default_retry_timeout() -> float:
+    """How long a tracker keeps retrying through an outage: $IMBCIL_TRACKING_RETRY_S, else 300 s."""
+    raw = os.environ.get(RETRY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise TrackingError(f"{RETRY_ENV}: expected a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps: causes, contexts, and the exceptions that requests/urllib3 nest in args."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """No connection was made, so repeating the request cannot make the server do anything twice."""
+    import urllib3.exceptions
+
+    kinds = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError, ConnectionRefusedError, socket.gaierror)
+    return any(isinstance(cause, kinds) for cause in _causes(exc))
+
+
+def _answer_status(exc: BaseException) -> int | None:
+    """The HTTP status (or its equivalent for a database store) that the failure carries, if any."""
+    for cause in _causes(exc):
+        if isinstance(cause, MlflowException):
+            if cause.error_code in _TRANSIENT_CODES:
+                return cause.get_http_status_code()
+            found = _STATUS_IN_MESSAGE.search(cause.message or "")
+            if found:
+                return int(found.group(1))
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _transient(exc: BaseException, idempotent: bool) -> bool:
+    """Whether waiting and repeating the operation can succeed without doing anything twice."""
+    if isinstance(exc, (TrackingError, KeyboardInterrupt)):
+        return False
+    if _never_sent(exc):
+        return True
+    status = _answer_status(exc)
+    if status in _REFUSED_STATUS:
+        return True
+    if not idempotent:
+        return False
+    if status in _TRANSIENT_STATUS:
+        return True
+    import requests
+
+    # Sent, but no answer came back (the server died mid-request, or a read timed out).
+    lost = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+    return any(isinstance(cause, lost) for cause in _causes(exc))
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 
 
@@ -437,6 +551,11 @@ class RunTracker:
     Used as a context manager it always ends the run: FINISHED, KILLED on Ctrl-C, FAILED (with
     the error as a tag) on any other exception. Given `run_id`, it resumes that run instead of
     creating one, so a restarted trial keeps one history.
+
+    When the store stops answering, every write is retried with exponential backoff for up to
+    `retry_timeout_s` (default $IMBCIL_TRACKING_RETRY_S, else 300 s) and lands exactly once when
+    it is back; past that, the call raises TrackingError and the phases logged so far stay
+    intact for a resume. Each request waits at most `request_timeout_s` for an answer.
     """
 
     def __init__(
@@ -448,31 +567,59 @@ class RunTracker:
         parent_run_id: str | None = None,
         run_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
+        retry_timeout_s: float | None = None,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     ):
         self.tracking_uri = tracking_uri
+        self.retry_timeout_s = default_retry_timeout() if retry_timeout_s is None else float(retry_timeout_s)
+        if not math.isfinite(self.retry_timeout_s) or self.retry_timeout_s < 0:
+            raise ValueError(f"retry_timeout_s must be >= 0 (got {retry_timeout_s!r})")
+        self.request_timeout_s = float(request_timeout_s)
+        self._store_lost = False
         self.client = MlflowClient(tracking_uri)
         self._acc_by_phase: dict[int, float] = {}
         self._finished = False
         extra = {k: _tag_value(v) for k, v in (tags or {}).items() if v is not None}
         if parent_run_id:
             extra[PARENT_RUN_TAG] = parent_run_id
-        with self._errors("open the run"):
-            if run_id is None:
-                if not experiment:
-                    raise TrackingError("a new run needs an experiment name")
-                self._experiment_id = experiment_id(self.client, experiment)
-                run = self.client.create_run(self._experiment_id, tags={"mlflow.user": _user(), **extra}, run_name=run_name)
-                self._run_id = run.info.run_id
-                self.resumed = False
-            else:
-                run = self._existing_run(run_id, experiment)
-                self._run_id = run_id
-                self._experiment_id = run.info.experiment_id
-                self.client.update_run(run_id, status="RUNNING")
-                if extra:
-                    self._log_tags(extra)
-                self._acc_by_phase = self._acc_history()
-                self.resumed = True
+        if run_id is None:
+            if not experiment:
+                raise TrackingError("a new run needs an experiment name")
+            self._experiment_id = self._call("open the experiment", lambda: experiment_id(self.client, experiment))
+            self._run_id = self._create_run(extra, run_name)
+            self.resumed = False
+        else:
+            run = self._call("open the run", lambda: self._existing_run(run_id, experiment))
+            self._run_id = run_id
+            self._experiment_id = run.info.experiment_id
+            self._call("open the run", lambda: self.client.update_run(run_id, status="RUNNING"))
+            if extra:
+                self._log_tags(extra)
+            self._acc_by_phase = self._acc_history()
+            self.resumed = True
+
+    def _create_run(self, tags: Mapping[str, str], run_name: str | None) -> str:
+        """A new run, created once even when the answer to the request was lost.
+
+        A retry first looks for the run the lost request may have created, by a key tag.
+        """
+        key = os.urandom(16).hex()
+        tags = {"mlflow.user": _user(), **tags, RUN_KEY_TAG: key}
+        sent = False
+
+        def create():
+            nonlocal sent
+            if sent:
+                found = self.client.search_runs(
+                    [self._experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
+                )
+                if found:
+                    return found[0]
+            sent = True
+            name = redact_text(run_name) if run_name else None
+            return self.client.create_run(self._experiment_id, tags=_redacted(tags), run_name=name)
+
+        return self._call("create the run", create).info.run_id
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -495,20 +642,70 @@ class RunTracker:
     def url(self) -> str:
         return run_url(self.tracking_uri, self._experiment_id, self._run_id)
 
-    # -- errors --------------------------------------------------------------------------------
+    # -- errors and retries --------------------------------------------------------------------
+
+    def _failure(self, action: str, exc: BaseException) -> TrackingError:
+        """MLflow's exceptions carry response bodies and tracebacks; callers get one line."""
+        if isinstance(exc, TrackingError):
+            return exc
+        return TrackingError(f"could not {action} in {redact_uri(self.tracking_uri)}: {_short_reason(exc)}")
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
-        """MLflow's exceptions carry response bodies and tracebacks; callers get one line."""
         try:
             yield
-        except TrackingError:
-            raise
-        except MlflowException as exc:
-            raise TrackingError(f"could not {action} in {redact_uri(self.tracking_uri)}: {_short_reason(exc)}") from exc
-        except OSError as exc:
-            # requests' connection errors are OSErrors too.
-            raise TrackingError(f"could not {action} in {redact_uri(self.tracking_uri)}: {_short_reason(exc)}") from exc
+        except (MlflowException, OSError) as exc:  # requests' connection errors are OSErrors too
+            raise self._failure(action, exc) from exc
+
+    def _request_knobs(self, seconds_left: float) -> dict[str, str]:
+        """MLflow's HTTP settings for one attempt: no retries of its own, a bounded wait."""
+        wait = min(self.request_timeout_s, seconds_left) if seconds_left > 0 else _LOST_STORE_TIMEOUT_S
+        return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(wait)))}
+
+    def _call(self, action: str, operation: Callable[[], _T], *, idempotent: bool = True) -> _T:
+        """Run one store operation, repeating it with exponential backoff while the store is away.
+
+        An operation that may have reached the server is repeated only if it is `idempotent`;
+        otherwise only when the request provably never left (no connection).
+        """
+        budget = 0.0 if self._store_lost else self.retry_timeout_s
+        started = time.monotonic()
+        delay = _FIRST_RETRY_DELAY_S
+        failures = 0
+        while True:
+            try:
+                with _mlflow_env(**self._request_knobs(budget - (time.monotonic() - started))):
+                    result = operation()
+            except Exception as exc:
+                if not isinstance(exc, (MlflowException, OSError)) and not _never_sent(exc):
+                    raise
+                if not _transient(exc, idempotent):
+                    raise self._failure(action, exc) from exc
+                waited = time.monotonic() - started
+                if waited + delay > budget:
+                    self._store_lost = True
+                    raise TrackingError(
+                        f"tracking store {redact_uri(self.tracking_uri)} did not answer for {waited:.0f} s "
+                        f"(could not {action}): {_short_reason(exc)}"
+                    ) from exc
+                failures += 1
+                if failures == 1:
+                    logger.warning(
+                        "tracking store %s does not answer (%s); retrying to %s for up to %g s",
+                        redact_uri(self.tracking_uri), _short_reason(exc), action, budget,
+                    )
+                time.sleep(delay)
+                delay = min(2 * delay, _MAX_RETRY_DELAY_S)
+                continue
+            if failures:
+                logger.warning(
+                    "tracking store %s answers again after %.0f s; %s done",
+                    redact_uri(self.tracking_uri), time.monotonic() - started, action,
+                )
+            self._store_lost = False
+            return result
+
+    # -- reading back --------------------------------------------------------------------------
 
     def _existing_run(self, run_id: str, experiment: str | None):
         try:
@@ -531,16 +728,18 @@ class RunTracker:
         if last is None:
             return {}
         latest: dict[int, Metric] = {}
-        for metric in self.client.get_metric_history(self._run_id, "acc"):
-            # A phase logged twice (cut off, then redone) keeps its newest value.
+        history = self._call("read the run", lambda: self.client.get_metric_history(self._run_id, "acc"))
+        for metric in history:
+            # A phase logged twice (by an older version that logged metrics before artifacts,
+            # cut off, then redone) keeps its newest value.
             if metric.step <= last and (metric.step not in latest or metric.timestamp >= latest[metric.step].timestamp):
                 latest[metric.step] = metric
         return {step: metric.value for step, metric in sorted(latest.items())}
 
-    def _log_tags(self, tags: Mapping[str, str]) -> None:
-        items = [RunTag(key, _tag_value(value)) for key, value in tags.items()]
+    def _log_tags(self, tags: Mapping[str, Any], action: str = "log tags") -> None:
+        items = [RunTag(key, _tag_value(value)) for key, value in _redacted(tags).items()]
         for chunk in _chunks(items, _BATCH_LIMIT):
-            self.client.log_batch(self._run_id, tags=chunk, synchronous=True)
+            self._call(action, lambda chunk=chunk: self.client.log_batch(self._run_id, tags=chunk, synchronous=True))
 
     # -- per run -------------------------------------------------------------------------------
 
@@ -556,35 +755,36 @@ class RunTracker:
         Params cannot change once logged; a resumed run skips those it has and refuses a config
         that differs, since its history would then mix two configs. Keys in `allow_changed`
         (where a run executes, e.g. data.root or device) keep their first value instead.
+        Values that hold credentials (a data root given as a URI) are logged redacted.
         """
-        with self._errors("log the config"):
-            params = {key: _param_value(value) for key, value in flatten(cfg).items()}
-            existing = self.client.get_run(self._run_id).data.params
-            changed = [
-                key
-                for key, value in params.items()
-                if key in existing and existing[key] != value and key not in allow_changed
-            ]
-            if changed:
-                key = changed[0]
-                raise TrackingError(
-                    f"run {self._run_id} was logged with {key}={existing[key]}, the config now says "
-                    f"{key}={params[key]}; params cannot change, start a new run"
-                )
-            todo = [Param(key, value) for key, value in params.items() if key not in existing]
-            for chunk in _chunks(todo, _BATCH_LIMIT):
-                self.client.log_batch(self._run_id, params=chunk, synchronous=True)
-            tags = {
-                "learner": cfg.learner.name,
-                "dataset": cfg.data.dataset,
-                "scenario": cfg.data.scenario,
-                "protocol": protocol_name(cfg),
-                "seed": cfg.seed,
-                **environment_tags(),
-            }
-            tags.update({k: v for k, v in (extra_tags or {}).items() if v is not None})
-            self._log_tags(tags)
-            self.client.log_text(self._run_id, dump_yaml(cfg), "config.yaml")
+        action = "log the config"
+        params = {key: _param_value(redact_text(value)) for key, value in flatten(cfg).items()}
+        existing = self._call(action, lambda: self.client.get_run(self._run_id).data.params)
+        changed = [
+            key for key, value in params.items() if key in existing and existing[key] != value and key not in allow_changed
+        ]
+        if changed:
+            key = changed[0]
+            raise TrackingError(
+                f"run {self._run_id} was logged with {key}={existing[key]}, the config now says "
+                f"{key}={params[key]}; params cannot change, start a new run"
+            )
+        todo = [Param(key, value) for key, value in params.items() if key not in existing]
+        for chunk in _chunks(todo, _BATCH_LIMIT):
+            # Re-sending a param with the same value is accepted, so a retried batch is harmless.
+            self._call(action, lambda chunk=chunk: self.client.log_batch(self._run_id, params=chunk, synchronous=True))
+        tags = {
+            "learner": cfg.learner.name,
+            "dataset": cfg.data.dataset,
+            "scenario": cfg.data.scenario,
+            "protocol": protocol_name(cfg),
+            "seed": cfg.seed,
+            **environment_tags(),
+        }
+        tags.update({k: v for k, v in (extra_tags or {}).items() if v is not None})
+        self._log_tags(tags, action)
+        text = redact_text(dump_yaml(cfg))
+        self._call(action, lambda: self.client.log_text(self._run_id, text, "config.yaml"))
 
     def log_class_order(self, class_order: Sequence[int], class_names: Sequence[str] = ()) -> None:
         """`class_order.csv`: position (the label the model uses), original label, class name.
@@ -598,28 +798,34 @@ class RunTracker:
         writer.writerow(["position", "original_label", "name"])
         for position, original in enumerate(class_order):
             writer.writerow([position, int(original), class_names[original] if class_names else ""])
-        with self._errors("log the class order"):
-            self.client.log_text(self._run_id, buffer.getvalue(), "class_order.csv")
+        text = buffer.getvalue()
+        self._call("log the class order", lambda: self.client.log_text(self._run_id, text, "class_order.csv"))
 
     # -- per phase -----------------------------------------------------------------------------
 
     def log_phase(self, result: PhaseResult) -> None:
-        """Metrics at step = phase in one request, the phase's artifacts, then the done-marker."""
+        """The phase's artifacts, then its metrics (step = phase) and the done-marker in one request.
+
+        Metrics go last, with the marker, so a run cut off anywhere in here has either all of
+        the phase or none of its metrics: the redone phase never duplicates a point. The Metric
+        objects (timestamps included) are built once, so a retried request sends identical
+        rows, which MLflow's SQL store ignores; artifacts re-upload to the same paths.
+        """
         t = result.phase
         now = int(time.time() * 1000)
-        metrics = []
-        for key, value in result.metrics.items():
-            if value is None or math.isnan(float(value)):
-                continue
-            metrics.append(Metric(key, float(value), now, t))
+        metrics = [
+            Metric(key, float(value), now, t)
+            for key, value in result.metrics.items()
+            if value is not None and not math.isnan(float(value))
+        ]
         acc = result.metrics.get("acc")
         # A re-logged phase makes later points stale.
         self._acc_by_phase = {p: v for p, v in self._acc_by_phase.items() if p < t}
         if acc is not None and not math.isnan(float(acc)):
             self._acc_by_phase[t] = float(acc)
 
-        with self._errors(f"log phase {t}"), tempfile.TemporaryDirectory(prefix="imbcil-phase-") as tmp:
-            self.client.log_batch(self._run_id, metrics=metrics, synchronous=True)
+        action = f"log phase {t}"
+        with tempfile.TemporaryDirectory(prefix="imbcil-phase-") as tmp:
             root = Path(tmp)
             folder = root / f"phase_{t}"
             folder.mkdir()
@@ -638,13 +844,17 @@ class RunTracker:
             torch.save(result.state, folder / "checkpoint.pt")
             curve = [self._acc_by_phase.get(p, math.nan) for p in range(t + 1)]
             plots.accuracy_curve(curve, root / "acc_curve.png", label="acc")
-            self.client.log_artifacts(self._run_id, tmp)
-            self.client.set_tag(self._run_id, LAST_PHASE_TAG, str(t))
+            self._call(action, lambda: self.client.log_artifacts(self._run_id, tmp))
+        done = [RunTag(LAST_PHASE_TAG, str(t))]
+        for start in range(0, max(len(metrics), 1), _METRIC_BATCH_LIMIT):
+            chunk = metrics[start : start + _METRIC_BATCH_LIMIT]
+            # The marker rides with the last chunk: it is set only once every metric is stored.
+            tags = done if start + _METRIC_BATCH_LIMIT >= len(metrics) else []
+            self._call(action, lambda chunk=chunk, tags=tags: self.client.log_batch(self._run_id, metrics=chunk, tags=tags, synchronous=True))
 
     def last_logged_phase(self) -> int | None:
         """The last phase whose metrics and artifacts are all stored (None before phase 0 is)."""
-        with self._errors("read the run"):
-            value = self.client.get_run(self._run_id).data.tags.get(LAST_PHASE_TAG)
+        value = self._call("read the run", lambda: self.client.get_run(self._run_id).data.tags.get(LAST_PHASE_TAG))
         return int(value) if value is not None else None
 
     def phase_logged(self, phase: int) -> bool:
@@ -657,8 +867,11 @@ class RunTracker:
             phase = self.last_logged_phase()
             if phase is None:
                 raise TrackingError(f"run {self._run_id} has no fully logged phase to resume from")
-        with self._errors(f"download the checkpoint of phase {phase}"), tempfile.TemporaryDirectory(prefix="imbcil-ckpt-") as tmp:
-            local = self.client.download_artifacts(self._run_id, f"phase_{phase}/checkpoint.pt", tmp)
+        with tempfile.TemporaryDirectory(prefix="imbcil-ckpt-") as tmp:
+            local = self._call(
+                f"download the checkpoint of phase {phase}",
+                lambda: self.client.download_artifacts(self._run_id, f"phase_{phase}/checkpoint.pt", tmp),
+            )
             return torch.load(local, map_location="cpu", weights_only=False)
 
     # -- ending --------------------------------------------------------------------------------
@@ -669,13 +882,19 @@ class RunTracker:
             raise ValueError(f"status must be FINISHED, FAILED or KILLED (got {status!r})")
         if self._finished:
             return
-        with self._errors("end the run"):
-            if error is not None:
-                self.client.set_tag(self._run_id, ERROR_TAG, _one_line(error, ERROR_MESSAGE_LIMIT))
+        action = "end the run"
+        if error is not None:
+            # Exception messages quote URLs, credentials included.
+            message = _one_line(redact_text(error), ERROR_MESSAGE_LIMIT)
+            self._call(action, lambda: self.client.set_tag(self._run_id, ERROR_TAG, message))
+
+        def terminate():
             # Against a server, set_terminated prints "View run ... at <tracking URI>" to stdout,
             # credentials included; the verbs print `self.url` instead.
             with _mlflow_env(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"):
                 self.client.set_terminated(self._run_id, status=status)
+
+        self._call(action, terminate)
         self._finished = True
 
     def __enter__(self) -> RunTracker:
@@ -692,5 +911,9 @@ class RunTracker:
         try:
             self.finish(status, error=error)
         except Exception as close_exc:  # the original exception matters more
-            logger.warning("could not mark run %s %s: %s", self._run_id, status, close_exc)
+            logger.warning("could not mark run %s %s: %s", self._run_id, status, redact_text(close_exc))
         return False
+
+
+def _redacted(tags: Mapping[str, Any]) -> dict[str, str]:
+    return {key: redact_text(value) for key, value in tags.items()}

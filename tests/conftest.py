@@ -182,3 +182,211 @@ def cifar10_raw(data_root: Path):
     from method.data import load_raw
 
     return load_raw(DataConfig(dataset="cifar10", root=str(data_root)))
+
+
+# ----------------------------------------------------------------------------- servers that outlive one test
+
+
+def launch_mlflow_server(root: Path, store: str, port: int | None = None) -> MlflowServer:
+    """`mlflow server` as in the `mlflow_server` fixture, for fixtures of wider scope and restarts.
+
+    The caller stops it with `stop_mlflow_server`; given the `port` of a stopped server (and
+    its store), it comes back where clients expect it.
+    """
+    port = port or free_port()
+    artifacts = root / "artifacts"
+    log_path = root / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # see the `mlflow_server` fixture
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", store, "--artifacts-destination", str(artifacts),
+    ]  # fmt: skip
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = MlflowServer(f"http://127.0.0.1:{port}", store, artifacts, log_path, process)
+    try:
+        _wait_healthy(server)
+    except BaseException:
+        _stop(process)
+        raise
+    return server
+
+
+def stop_mlflow_server(server: MlflowServer) -> None:
+    _stop(server.process)
+
+
+# ----------------------------------------------------------------------------- a Ray cluster on this machine
+
+RAY_NODE_START_TIMEOUT_S = 60.0
+
+
+def session_processes(session: int) -> list[int]:
+    """Pids of the live processes in a session: Ray's workers make their own process groups,
+    but stay in the session of the `ray start` that launched their node."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        if fields[0] != "Z" and int(fields[3]) == session:
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(session: int) -> None:
+    """SIGKILL every process of a session (one Ray node and everything it started)."""
+    for pid in session_processes(session):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class RayNode:
+    name: str
+    process: subprocess.Popen  # `ray start --block`, leader of its own session
+    log_path: Path
+
+    @property
+    def session(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        kill_session(self.session)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
+
+
+@dataclass
+class RayCluster:
+    """A head and worker nodes on this machine, each `ray start` in its own session.
+
+    `env` holds what a driver needs to join (the cluster uses token authentication, as Ray
+    2.5x clusters do by default). Ray 2.60 replaces --node-ip-address 127.0.0.1 with the
+    address of the machine's first interface for a multi-node cluster, so nodes listen there.
+    """
+
+    address: str
+    env: dict[str, str]
+    temp_dir: Path
+    nodes: list[RayNode]
+
+    @property
+    def head(self) -> RayNode:
+        return self.nodes[0]
+
+    def node_of(self, pid: int) -> str | None:
+        """Which node (by name) a live process belongs to."""
+        try:
+            session = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError, IndexError):
+            return None
+        return next((node.name for node in self.nodes if node.session == session), None)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.session, signal.SIGTERM)
+        deadline = time.monotonic() + SERVER_STOP_TIMEOUT_S
+        for node in self.nodes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for node in self.nodes:
+            node.kill()
+        import shutil
+
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _ray_ports() -> list[str]:
+    """Every port a node listens on, chosen free: other clusters may run on this machine."""
+    ports = []
+    for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"):  # fmt: skip
+        ports += [flag, str(free_port())]
+    return ports
+
+
+def start_ray_cluster(log_dir: Path, cpus: Sequence[int] = (2, 2)) -> RayCluster:
+    """Start a head with cpus[0] CPUs and one worker node per further entry; wait until all join."""
+    ray = str(Path(sys.executable).parent / "ray")
+    # Short: Ray's unix sockets live under it, and socket paths are limited to 107 bytes.
+    temp_dir = Path(f"/tmp/imbcil-ray-{uuid.uuid4().hex[:8]}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    join_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
+    env.update(join_env)
+    # A dead node is noticed in a few seconds rather than Ray's default half minute.
+    env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000", RAY_health_check_failure_threshold="3")
+    port = free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--min-worker-port", "0", "--max-worker-port", "0",
+              "--temp-dir", str(temp_dir), "--disable-usage-stats", "--block"]  # fmt: skip
+    cluster = RayCluster(f"127.0.0.1:{port}", join_env, temp_dir, [])
+
+    def launch(name: str, args: list[str]) -> None:
+        log_path = log_dir / f"ray-{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [ray, "start", *args, *_ray_ports(), *common], env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        cluster.nodes.append(RayNode(name, process, log_path))
+
+    try:
+        launch("head", ["--head", "--port", str(port), "--include-dashboard=false", "--num-cpus", str(cpus[0])])
+        _wait_for(lambda: _answers(port), cluster.head, "the Ray head's GCS port")
+        for index, count in enumerate(cpus[1:], start=1):
+            launch(f"worker{index}", ["--address", cluster.address, "--num-cpus", str(count)])
+        _wait_for(lambda: _alive_nodes(cluster) == len(cpus), cluster.nodes[-1], f"{len(cpus)} alive Ray nodes")
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _alive_nodes(cluster: RayCluster) -> int:
+    """Alive nodes as `ray list nodes` would say, asked in a child: this process stays free of Ray."""
+    script = "import ray, logging; ray.init(address=%r, logging_level=logging.ERROR); print(sum(n['Alive'] for n in ray.nodes()))"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **cluster.env}
+    try:
+        done = subprocess.run([sys.executable, "-c", script % cluster.address], env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return 0
+    lines = done.stdout.split()
+    return int(lines[-1]) if done.returncode == 0 and lines and lines[-1].isdigit() else 0
+
+
+def _wait_for(predicate: Callable[[], bool], node: RayNode, what: str) -> None:
+    deadline = time.monotonic() + RAY_NODE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if node.process.poll() is not None:
+            raise RuntimeError(f"ray start ({node.name}) exited with {node.process.returncode}:\n{node.log_path.read_text()[-3000:]}")
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"no {what} within {RAY_NODE_START_TIMEOUT_S:g} s:\n{node.log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def cluster_kit():
+    """The helpers above, for test modules (which cannot import this file): wider-scoped
+    fixtures start and restart servers and clusters with them."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        launch_mlflow_server=launch_mlflow_server, stop_mlflow_server=stop_mlflow_server,
+        fresh_postgres_database=fresh_postgres_database, start_ray_cluster=start_ray_cluster,
+        session_processes=session_processes, free_port=free_port,
+    )  # fmt: skip

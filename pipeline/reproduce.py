@@ -1,0 +1,672 @@
+"""`imbcil reproduce`: final runs of one or more configs over several seeds, aggregated.
+
+Each (config, seed) is one tracked MLflow run, trained by `run.train_tracked`, nested under a
+parent run that holds the mean and std over seeds and the report. Runs go through Ray tasks
+(one CPU each by default) when more than one can run at once; otherwise, and whenever Ray would
+only add its start-up time, they run one after another in this process. Everything a user can
+get wrong (configs, data, tracking store, Ray address) is checked before the first run starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import re
+import shlex
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+from method.config import RunConfig, paper_budget
+from method.data import RawData, build_benchmark, load_raw
+from pipeline import report
+from pipeline.config import ConfigError, dump_yaml, load_config, validate
+from pipeline.run import apply_cli_options, train_tracked
+from pipeline.tracking import (
+    RunTracker,
+    TrackingError,
+    check_tracking,
+    protocol_name,
+    redact_uri,
+    resolve_tracking_uri,
+    run_url,
+)
+
+logger = logging.getLogger(__name__)
+
+KIND_TAG = "imbcil.kind"
+REPRODUCTION = "reproduction"
+REPRODUCTION_RUN = "reproduction-run"
+CONFIG_NAME_TAG = "imbcil.config_name"
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_OUTPUT = Path("reproduce_results")
+EXPERIMENT_PREFIX = "reproduce/"
+# A Ray address that does not answer makes ray.init retry for minutes; a plain connect fails fast.
+RAY_CONNECT_TIMEOUT_S = 5.0
+# Ray reads this when it is imported: off, a local head keeps every port on the loopback address
+# instead of resolving 127.0.0.1 to the machine's routable IP.
+_RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_INTEGER = re.compile(r"^\d+$")
+_METRIC_KEY_UNSAFE = re.compile(r"[^\w.\- /:]")
+_PATH_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ClusterError(ConfigError):
+    """The Ray cluster is unreachable or too small; one line, like any other input error."""
+
+
+class RunsFailed(RuntimeError):
+    """Some runs failed; the others are aggregated and reported, and the command exits 1."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line arguments
+
+
+def parse_seeds(values: Sequence[str]) -> list[int]:
+    """`--seeds` values, each one seed or several separated by commas or spaces."""
+    seeds: list[int] = []
+    for value in values:
+        for part in re.split(r"[,\s]+", str(value).strip()):
+            if not part:
+                continue
+            if not _INTEGER.match(part):
+                raise ConfigError(f"--seeds: {part!r} is not a non-negative integer")
+            seed = int(part)
+            if seed in seeds:
+                # The same seed twice gives the same number twice and shrinks the std.
+                raise ConfigError(f"--seeds: seed {seed} is given twice")
+            seeds.append(seed)
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    return seeds
+
+
+def split_arguments(tokens: Sequence[str], seeds_given: bool) -> tuple[list[str], list[str], list[str]]:
+    """Positional tokens -> (config paths, key=value overrides, seed tokens).
+
+    Click gives an option one value, so in `--seeds 0 1 2` the 1 and 2 arrive as positional
+    tokens; a bare integer that is no file is therefore a seed, but only after --seeds.
+    """
+    configs, overrides, seeds = [], [], []
+    for token in tokens:
+        if Path(token).is_file():
+            configs.append(token)
+        elif "=" in token:
+            overrides.append(token)
+        elif _INTEGER.match(token):
+            if not seeds_given:
+                raise ConfigError(f"{token}: neither a config file nor key=value; seeds go after --seeds (e.g. --seeds 0 1 2)")
+            seeds.append(token)
+        else:
+            configs.append(token)  # load_config names the missing file
+    if not configs:
+        raise ConfigError("config: give at least one run config YAML")
+    return configs, overrides, seeds
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class ConfigEntry:
+    config_name: str
+    path: str
+    cfg: RunConfig
+
+
+@dataclass
+class Plan:
+    name: str
+    experiment: str
+    output_dir: Path
+    entries: list[ConfigEntry]
+    seeds: list[int]
+    full_budget: bool
+    tracking_uri: str
+    address: Optional[str]
+    command: str = ""
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.entries) * len(self.seeds)
+
+
+def _unique_names(configs: Sequence[RunConfig]) -> list[str]:
+    """Config names for the table; a repeated name gets its learner, then a number, appended."""
+    names: list[str] = []
+    for cfg in configs:
+        name = cfg.name
+        if name in names:
+            name = f"{cfg.name}-{cfg.learner.name}"
+        number = 2
+        while name in names:
+            name = f"{cfg.name}-{number}"
+            number += 1
+        names.append(name)
+    return names
+
+
+def _setting(cfg: RunConfig) -> str:
+    return f"{cfg.data.dataset} {cfg.data.scenario} {protocol_name(cfg)}"
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """A relative sqlite:/// path made absolute, so Ray workers in other directories find the store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        rest = uri[len(prefix) :]
+        path, _, query = rest.partition("?")
+        if path and path != ":memory:":
+            return prefix + str(Path(path).absolute()) + (f"?{query}" if query else "")
+    return uri
+
+
+def make_plan(
+    config_paths: Sequence[str],
+    overrides: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    full_budget: bool = False,
+    address: Optional[str] = None,
+    tracking_uri: Optional[str] = None,
+    data_root: Optional[str] = None,
+    output: Optional[str] = None,
+    experiment: Optional[str] = None,
+    device: Optional[str] = None,
+) -> Plan:
+    """Load and validate every config; all configs must share one setting (one paper column)."""
+    configs = []
+    for path in config_paths:
+        cfg = apply_cli_options(load_config(path, overrides), data_root, device)
+        if full_budget:
+            paper_budget(cfg)
+            validate(cfg)
+        if cfg.data.root:
+            cfg.data.root = str(Path(cfg.data.root).expanduser().absolute())
+        configs.append(cfg)
+    reference = _setting(configs[0])
+    for path, cfg in zip(config_paths, configs):
+        if _setting(cfg) != reference:
+            raise ConfigError(
+                f"{path}: runs {_setting(cfg)}, but {config_paths[0]} runs {reference}; "
+                "one reproduction compares learners on one setting"
+            )
+    if experiment:
+        name = experiment[len(EXPERIMENT_PREFIX) :] if experiment.startswith(EXPERIMENT_PREFIX) else experiment
+    else:
+        name = configs[0].name
+    if not name.strip():
+        raise ConfigError("--experiment: the name is empty")
+    out = Path(output) if output else DEFAULT_OUTPUT / (_PATH_UNSAFE.sub("_", name).strip("._") or "reproduction")
+    entries = [ConfigEntry(n, p, c) for n, p, c in zip(_unique_names(configs), config_paths, configs)]
+    plan = Plan(
+        name=name,
+        experiment=EXPERIMENT_PREFIX + name,
+        output_dir=out,
+        entries=entries,
+        seeds=list(seeds),
+        full_budget=full_budget,
+        tracking_uri=_absolute_sqlite(resolve_tracking_uri(tracking_uri)),
+        address=address,
+    )
+    plan.command = _command_line(plan, overrides, data_root, device)
+    return plan
+
+
+def _command_line(plan: Plan, overrides: Sequence[str], data_root: Optional[str], device: Optional[str]) -> str:
+    """The command, rebuilt from what was parsed, for the report (no tracking credentials)."""
+    words = ["imbcil", "reproduce", *(e.path for e in plan.entries), *overrides, "--seeds", *map(str, plan.seeds)]
+    if plan.full_budget:
+        words.append("--full-budget")
+    if data_root:
+        words += ["--data-root", data_root]
+    if device:
+        words += ["--device", device]
+    if plan.address:
+        words += ["--address", plan.address]
+    return shlex.join(words)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run (in this process or in a Ray worker)
+
+# Decoded datasets per (dataset, source, root), kept for the next run in the same process: a Ray
+# worker process runs several seeds in a row, and decoding CIFAR-10 takes seconds.
+_RAW_CACHE: dict[tuple, RawData] = {}
+
+
+def _raw_data(cfg: RunConfig) -> RawData:
+    key = (cfg.data.dataset, cfg.data.source, cfg.data.root, cfg.data.download)
+    if key not in _RAW_CACHE:
+        _RAW_CACHE.clear()  # one dataset at a time: a reproduction has one setting
+        _RAW_CACHE[key] = load_raw(cfg.data)
+    return _RAW_CACHE[key]
+
+
+@dataclass
+class SeedJob:
+    config_name: str
+    cfg: RunConfig  # seed already set
+
+    @property
+    def label(self) -> str:
+        return f"{self.config_name} seed {self.cfg.seed}"
+
+
+def phase_printer(label: str) -> Callable[[dict[str, Any]], None]:
+    """One line per finished phase: several runs share the terminal, so epochs stay quiet."""
+    phases = {"n": 0}
+
+    def callback(event: dict[str, Any]) -> None:
+        if event["event"] == "phase_start":
+            phases["n"] = event["num_phases"]
+        elif event["event"] == "phase_end":
+            m = event["metrics"]
+            print(
+                f"[{label}] phase {event['phase'] + 1}/{phases['n']}: acc {m['acc']:.2f}%  "
+                f"avg incremental {m['avg_incremental_acc']:.2f}%  ({m['phase_seconds']:.0f} s)",
+                flush=True,
+            )
+
+    return callback
+
+
+def run_seed(job: SeedJob, tracking_uri: str, experiment: str, parent_run_id: str) -> report.SeedResult:
+    """Train one config on one seed as a child run of the reproduction."""
+    cfg = job.cfg
+    benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=_raw_data(cfg))
+    tags = {KIND_TAG: REPRODUCTION_RUN, CONFIG_NAME_TAG: job.config_name}
+    tracker = RunTracker(tracking_uri, experiment, run_name=job.label, parent_run_id=parent_run_id, tags=tags)
+    with tracker:
+        results = train_tracked(cfg, tracker, benchmark=benchmark, progress=phase_printer(job.label))
+    return report.SeedResult(job.config_name, cfg.learner.name, cfg.seed, tracker.run_id, [dict(r.metrics) for r in results])
+
+
+def _one_line_error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@dataclass
+class Failure:
+    job: SeedJob
+    error: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"config_name": self.job.config_name, "seed": self.job.cfg.seed, "error": self.error}
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors
+
+
+class InProcess:
+    """Runs one after another here: no Ray start-up, and the decoded dataset is shared."""
+
+    description = "in this process, one run after another"
+
+    def resources_check(self, cpus_per_run: float, gpus_per_run: float) -> None:
+        pass
+
+    def run(self, jobs, submit: Callable[[SeedJob], report.SeedResult], done: Callable) -> None:
+        for job in jobs:
+            try:
+                result = submit(job)
+            except Exception as exc:  # a failed seed must not lose the others
+                logger.debug("run %s failed", job.label, exc_info=True)
+                done(job, None, _one_line_error(exc))
+            else:
+                done(job, result, None)
+
+    def close(self) -> None:
+        pass
+
+
+def _check_address(address: str) -> None:
+    """Fail in seconds, with one line, where ray.init would retry an unreachable GCS for minutes."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = target.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ClusterError(f"--address: expected HOST:PORT or ray://HOST:PORT (got {address!r})")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ClusterError(f"--address: Ray cluster at {address} is not reachable: {reason}") from None
+
+
+@contextlib.contextmanager
+def _loopback_ray() -> Iterator[None]:
+    """Keep a local Ray head on 127.0.0.1 while it starts (its processes inherit the setting)."""
+    import ray._private.ray_constants as ray_constants
+
+    saved_env, saved_flag = os.environ.get(_RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_RAY_LOOPBACK_ENV, None)
+        else:
+            os.environ[_RAY_LOOPBACK_ENV] = saved_env
+
+
+def _set_log_dedup(enabled: bool) -> bool:
+    """Ray folds worker lines that differ only in numbers; our per-phase lines differ only in numbers."""
+    import ray._private.ray_logging as ray_logging
+
+    previous = ray_logging.RAY_DEDUP_LOGS
+    ray_logging.RAY_DEDUP_LOGS = enabled
+    return previous
+
+
+class RayTasks:
+    """One Ray task per run, on a local head (random free ports, loopback) or on --address."""
+
+    def __init__(self, address: Optional[str], num_cpus: int) -> None:
+        import ray
+
+        self.ray = ray
+        self.owned = False
+        self._dedup = _set_log_dedup(False)
+        if ray.is_initialized():
+            self.description = "on the Ray cluster this process is already connected to"
+            return
+        quiet = dict(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
+        try:
+            if address:
+                _check_address(address)
+                ray.init(address=address, **quiet)
+                self.description = f"on the Ray cluster at {address}"
+            else:
+                with _loopback_ray():
+                    # "local": always a new head; a random GCS port, so Redis on 6379 is no obstacle.
+                    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **quiet)
+                self.description = f"on a local Ray instance with {num_cpus} CPU(s)"
+        except Exception as exc:
+            _set_log_dedup(self._dedup)
+            if isinstance(exc, ClusterError):
+                raise
+            what = f"--address: could not connect to Ray at {address}" if address else "could not start a local Ray instance"
+            raise ClusterError(f"{what} ({_one_line_error(exc)})") from None
+        self.owned = True
+
+    def resources_check(self, cpus_per_run: float, gpus_per_run: float) -> None:
+        """A run that no node can hold would wait forever; say so before starting anything."""
+        nodes = [n for n in self.ray.nodes() if n.get("Alive")]
+        fits = any(
+            n["Resources"].get("CPU", 0) >= cpus_per_run and n["Resources"].get("GPU", 0) >= gpus_per_run for n in nodes
+        )
+        if not fits:
+            total = self.ray.cluster_resources()
+            raise ClusterError(
+                f"--cpus-per-run/--gpus-per-run: no Ray node has {cpus_per_run:g} CPU(s) and {gpus_per_run:g} GPU(s) "
+                f"(cluster: {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU)"
+            )
+
+    def gpus(self) -> float:
+        return float(self.ray.cluster_resources().get("GPU", 0))
+
+    def run(self, jobs, submit_args: Callable[[SeedJob], tuple], done: Callable, *, cpus: float, gpus: float) -> None:
+        ray = self.ray
+        remote = ray.remote(run_seed)
+        pending = {}
+        for job in jobs:
+            # No retries: a retried run would be a second MLflow run of the same seed.
+            ref = remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=0).remote(*submit_args(job))
+            pending[ref] = job
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    job = pending.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:
+                        done(job, None, _one_line_error(exc.cause))
+                    except ray.exceptions.RayError as exc:
+                        done(job, None, _one_line_error(exc))
+                    else:
+                        done(job, result, None)
+        except KeyboardInterrupt:
+            # Cancelling raises KeyboardInterrupt inside each task, so its run is marked KILLED.
+            for ref in pending:
+                ray.cancel(ref)
+            ray.wait(list(pending), num_returns=len(pending), timeout=15)
+            raise
+
+    def close(self) -> None:
+        if self.owned:
+            self.ray.shutdown()
+        _set_log_dedup(self._dedup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class Outcome:
+    plan: Plan
+    parent_run_id: str
+    parent_url: str
+    output_dir: Path
+    report_path: Path
+    summaries: list[report.ConfigSummary]
+    failures: list[Failure] = field(default_factory=list)
+    executor: str = ""
+
+
+def preflight(plan: Plan) -> None:
+    """Every input error, before anything trains: data (by building each benchmark once), store, output."""
+    for entry in plan.entries:
+        build_benchmark(entry.cfg.data, entry.cfg.protocol, plan.seeds[0], raw=_raw_data(entry.cfg))
+    check_tracking(plan.tracking_uri)
+    try:
+        plan.output_dir.mkdir(parents=True, exist_ok=True)
+        probe = plan.output_dir / ".imbcil-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--output: cannot write to {plan.output_dir}: {exc.strerror or exc}") from None
+
+
+def _jobs(plan: Plan) -> list[SeedJob]:
+    jobs = []
+    for seed in plan.seeds:  # seed-major: with few workers, every config gets a first seed early
+        for entry in plan.entries:
+            cfg = copy.deepcopy(entry.cfg)
+            cfg.seed = seed
+            jobs.append(SeedJob(entry.config_name, cfg))
+    return jobs
+
+
+def _metric_key(prefix: str, name: str) -> str:
+    return _METRIC_KEY_UNSAFE.sub("_", f"{prefix}/{name}" if prefix else name)
+
+
+def aggregate_metrics(summaries: Sequence[report.ConfigSummary], several: bool) -> list[Metric]:
+    """Mean and std of each summary metric, and the mean accuracy per phase, for the parent run."""
+    now = int(time.time() * 1000)
+    metrics = []
+    for s in summaries:
+        prefix = s.config_name if several else ""
+        for key in report.SUMMARY_METRICS:
+            for stat, value in (("mean", s.mean[key]), ("std", s.std[key])):
+                if math.isfinite(value):
+                    metrics.append(Metric(_metric_key(prefix, f"{key}_{stat}"), value, now, 0))
+        for phase, value in enumerate(s.mean_curve):
+            if math.isfinite(value):
+                metrics.append(Metric(_metric_key(prefix, "acc_mean"), value, now, phase))
+    return metrics
+
+
+def _log_parent_setup(parent: RunTracker, plan: Plan) -> None:
+    first = plan.entries[0].cfg
+    client, run_id = parent.client, parent.run_id
+    params = {
+        "seeds": ",".join(map(str, plan.seeds)),
+        "configs": ",".join(e.config_name for e in plan.entries),
+        "learners": ",".join(e.cfg.learner.name for e in plan.entries),
+        "full_budget": str(plan.full_budget),
+        "dataset": first.data.dataset,
+        "scenario": first.data.scenario,
+        "protocol": protocol_name(first),
+    }
+    try:
+        client.log_batch(run_id, params=[Param(k, v[:500]) for k, v in params.items()], synchronous=True)
+        for entry in plan.entries:
+            safe = _PATH_UNSAFE.sub("_", entry.config_name)
+            client.log_text(run_id, dump_yaml(entry.cfg), f"configs/{safe}.yaml")
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"could not log the reproduction's settings in {redact_uri(plan.tracking_uri)}: {_one_line_error(exc)}") from exc
+
+
+def reproduce(
+    plan: Plan,
+    *,
+    parallel: Optional[int] = None,
+    cpus_per_run: float = 1.0,
+    gpus_per_run: Optional[float] = None,
+) -> Outcome:
+    """Run every config x seed, then aggregate, write the table and report, and log them."""
+    started = time.perf_counter()
+    preflight(plan)
+    jobs = _jobs(plan)
+    cpus = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    at_once = parallel if parallel is not None else max(1, int(cpus // max(cpus_per_run, 1e-9)))
+    use_ray = plan.address is not None or (len(jobs) > 1 and at_once > 1)
+    if use_ray:
+        _RAW_CACHE.clear()  # the workers decode their own copy
+        local_cpus = max(1, math.ceil(min(at_once, len(jobs)) * cpus_per_run))
+        executor: Any = RayTasks(plan.address, local_cpus)
+    else:
+        executor = InProcess()
+    try:
+        if use_ray and gpus_per_run is None:
+            wants_gpu = any(e.cfg.device != "cpu" for e in plan.entries)
+            gpus_per_run = 1.0 if wants_gpu and executor.gpus() > 0 else 0.0
+        gpus_per_run = gpus_per_run or 0.0
+        executor.resources_check(cpus_per_run, gpus_per_run)
+        return _run_all(plan, jobs, executor, cpus_per_run, gpus_per_run, started)
+    finally:
+        executor.close()
+
+
+def _run_all(plan: Plan, jobs: list[SeedJob], executor: Any, cpus: float, gpus: float, started: float) -> Outcome:
+    first = plan.entries[0].cfg
+    tags = {
+        KIND_TAG: REPRODUCTION,
+        "dataset": first.data.dataset,
+        "scenario": first.data.scenario,
+        "protocol": protocol_name(first),
+        "learner": ",".join(dict.fromkeys(e.cfg.learner.name for e in plan.entries)),
+    }
+    parent = RunTracker(plan.tracking_uri, plan.experiment, run_name=f"reproduce {plan.name}", tags=tags)
+    print(f"reproducing {len(plan.entries)} config(s) x {len(plan.seeds)} seed(s) {executor.description}", flush=True)
+    print(f"MLflow parent run: {parent.url}", flush=True)
+    with parent:
+        _log_parent_setup(parent, plan)
+        results: list[report.SeedResult] = []
+        failures: list[Failure] = []
+
+        def done(job: SeedJob, result: Optional[report.SeedResult], error: Optional[str]) -> None:
+            if result is not None:
+                results.append(result)
+                final = result.metrics_by_phase[-1] if result.metrics_by_phase else {}
+                print(f"[{job.label}] finished: avg incremental {final.get('avg_incremental_acc', math.nan):.2f}%  run {result.run_id}", flush=True)
+            else:
+                failures.append(Failure(job, error or "unknown error"))
+                print(f"[{job.label}] FAILED: {error}", flush=True)
+
+        if isinstance(executor, RayTasks):
+            executor.run(jobs, lambda job: (job, plan.tracking_uri, plan.experiment, parent.run_id), done, cpus=cpus, gpus=gpus)
+        else:
+            executor.run(jobs, lambda job: run_seed(job, plan.tracking_uri, plan.experiment, parent.run_id), done)
+        wall = time.perf_counter() - started
+
+        # Table rows in command-line order, whatever order the runs finished in.
+        names = [e.config_name for e in plan.entries]
+        results.sort(key=lambda r: (names.index(r.config_name), plan.seeds.index(r.seed)))
+        meta = report.build_metadata(
+            plan.name,
+            [(e.config_name, e.cfg, e.path) for e in plan.entries],
+            plan.seeds,
+            experiment=plan.experiment,
+            parent_run_id=parent.run_id,
+            parent_run_url=run_url(plan.tracking_uri, parent.experiment_id, parent.run_id),
+            full_budget=plan.full_budget,
+            command=plan.command,
+            wall_seconds=round(wall, 1),
+            failed=[f.as_dict() for f in failures],
+        )
+        table = report.build_table(results, meta)
+        report.write_table(table, plan.output_dir)
+        report_path = report.write_report(plan.output_dir)
+        summaries = report.summarize(table, meta)
+        try:
+            metrics = aggregate_metrics(summaries, several=len(plan.entries) > 1)
+            for start_at in range(0, len(metrics), 1000):
+                parent.client.log_batch(parent.run_id, metrics=metrics[start_at : start_at + 1000], synchronous=True)
+            for name in (report.RESULTS_FILE, report.REPORT_FILE, report.PLOT_FILE):
+                if (plan.output_dir / name).is_file():
+                    parent.client.log_artifact(parent.run_id, str(plan.output_dir / name))
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(f"could not log the aggregate in {redact_uri(plan.tracking_uri)}: {_one_line_error(exc)}") from exc
+        outcome = Outcome(
+            plan, parent.run_id, parent.url, plan.output_dir, report_path, summaries, failures, executor.description
+        )
+        if failures:
+            first_failure = failures[0]
+            raise RunsFailed(
+                f"{len(failures)} of {len(jobs)} runs failed (first: {first_failure.job.label}: {first_failure.error}); "
+                f"the others are in {report_path}"
+            )
+    return outcome
+
+
+def reproduce_command(
+    tokens: Sequence[str],
+    seed_values: Optional[Sequence[str]],
+    *,
+    full_budget: bool = False,
+    address: Optional[str] = None,
+    tracking_uri: Optional[str] = None,
+    data_root: Optional[str] = None,
+    output: Optional[str] = None,
+    experiment: Optional[str] = None,
+    device: Optional[str] = None,
+    parallel: Optional[int] = None,
+    cpus_per_run: float = 1.0,
+    gpus_per_run: Optional[float] = None,
+) -> Outcome:
+    """Everything `imbcil reproduce` does, from the raw command-line tokens."""
+    config_paths, overrides, extra_seeds = split_arguments(tokens, seeds_given=bool(seed_values))
+    seeds = parse_seeds([*seed_values, *extra_seeds]) if seed_values else list(DEFAULT_SEEDS)
+    if parallel is not None and parallel < 1:
+        raise ConfigError(f"--parallel: must be >= 1 (got {parallel})")
+    if cpus_per_run <= 0:
+        raise ConfigError(f"--cpus-per-run: must be > 0 (got {cpus_per_run:g})")
+    if gpus_per_run is not None and gpus_per_run < 0:
+        raise ConfigError(f"--gpus-per-run: must be >= 0 (got {gpus_per_run:g})")
+    plan = make_plan(
+        config_paths, overrides, seeds, full_budget=full_budget, address=address, tracking_uri=tracking_uri,
+        data_root=data_root, output=output, experiment=experiment, device=device,
+    )
+    return reproduce(plan, parallel=parallel, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
