@@ -64,6 +64,23 @@ def sweep_file(path: Path, trials: int, concurrent: int) -> Path:
     return path
 
 
+def _rss_gb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _is_trial(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc")
+    except OSError:
+        return False
+
+
 def audit(uri: str) -> dict[str, int]:
     from mlflow.tracking import MlflowClient
 
@@ -98,13 +115,20 @@ def main() -> int:
         server = kit.launch_mlflow_server(root / "mlflow", store)
         cluster = kit.start_ray_cluster(root, cpus=(args.cpus_per_node, args.cpus_per_node))
         seen: dict[int, str] = {}
+        peak = {"rss_gb": 0.0, "trial_rss_gb": 0.0}
         halt = threading.Event()
 
         def sample() -> None:
             while not halt.is_set():
+                total = 0.0
                 for node in cluster.nodes:
                     for pid in kit.session_processes(node.session):
                         seen.setdefault(pid, node.name)
+                        rss = _rss_gb(pid)
+                        total += rss
+                        if _is_trial(pid):
+                            peak["trial_rss_gb"] = max(peak["trial_rss_gb"], rss)
+                peak["rss_gb"] = max(peak["rss_gb"], total)
                 halt.wait(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -146,6 +170,7 @@ def main() -> int:
     print(f"overhead inside a trial, mean:   {statistics.mean(in_trial):.1f} s (process, data, MLflow, checkpoints)")
     print(f"driver/scheduling per trial:     {driver:.1f} s (slots x wall - trial times, per trial)")
     print(f"trials per node:                 {nodes}")
+    print(f"memory, peak RSS:                cluster {peak['rss_gb']:.1f} GB, one trial process {peak['trial_rss_gb']:.1f} GB")
     print("MLflow:                          " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

@@ -237,6 +237,8 @@ def sweep_cmd(
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the sweep's tune.name).")] = None,
 ) -> None:
     """Search hyperparameters with Ray Tune + Optuna: one MLflow run per trial under a sweep run."""
+    from rich.console import Console
+
     from pipeline.sweep import SweepError, leaderboard_table, sweep_command
 
     def say(line: str) -> None:
@@ -251,7 +253,8 @@ def sweep_cmd(
         error(str(exc))
         raise typer.Exit(EXIT_USAGE) from None
     metric = outcome.spec.tune.metric
-    console.print(leaderboard_table(outcome.trials, outcome.spec))
+    # Off a terminal (a log file, CI) rich would squeeze the table into 80 columns.
+    (console if console.is_terminal else Console(width=160, highlight=False)).print(leaderboard_table(outcome.trials, outcome.spec))
     best = outcome.best
     if best is not None:
         say(f"best trial {best.trial_id}: final {metric} {best.last_value(metric):.4f} (MLflow run {best.mlflow_run_id})")

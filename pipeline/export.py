@@ -71,6 +71,7 @@ def export_command(
     output: str | Path = "best.yaml",
     tracking_uri: Optional[str] = None,
 ) -> ExportOutcome:
+    """Write the config of the trial ranked `rank` by its final `metric` (defaults: the sweep's own)."""
     if metric is not None and metric not in METRIC_NAMES:
         raise ConfigError(f"--metric: must be one of {', '.join(METRIC_NAMES)} (got {metric!r})")
     if mode is not None and mode not in MODES:
@@ -85,8 +86,9 @@ def export_command(
     else:
         uri = resolve_tracking_uri(tracking_uri)
         name, source = sweep, f"MLflow experiment {sweep!r} in {redact_uri(uri)}"
-        metric, mode = metric or "avg_incremental_acc", mode or "max"
-        candidates = _candidates_from_mlflow(sweep, uri, metric)
+        client, experiment_id, default_metric, default_mode = _mlflow_sweep(sweep, uri)
+        metric, mode = metric or default_metric, mode or default_mode
+        candidates = _candidates_from_mlflow(client, experiment_id, metric)
     if not candidates:
         raise ExportError(f"{sweep}: no trial finished every phase with a {metric} value ({source})")
     ordered = sorted(candidates, key=lambda c: (-c.value if mode == "max" else c.value, c.trial_id))
@@ -157,7 +159,8 @@ def _config_file(path: Path) -> RunConfig:
 # From MLflow
 
 
-def _candidates_from_mlflow(name: str, uri: str, metric: str) -> list[Candidate]:
+def _mlflow_sweep(name: str, uri: str):
+    """The experiment called `name`, and the metric and mode its sweep run was tuned for."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import check_tracking
@@ -172,11 +175,20 @@ def _candidates_from_mlflow(name: str, uri: str, metric: str) -> list[Candidate]
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         raise ExportError(f"{name}: no such sweep folder, and no MLflow experiment of that name in {redact_uri(uri)}")
+    parents = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'", max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )  # fmt: skip
+    params = parents[0].data.params if parents else {}
+    return client, experiment.experiment_id, params.get("tune.metric", "avg_incremental_acc"), params.get("tune.mode", "max")
+
+
+def _candidates_from_mlflow(client, experiment_id: str, metric: str) -> list[Candidate]:
     candidates = []
     token = None
     while True:
         page = client.search_runs(
-            [experiment.experiment_id],
+            [experiment_id],
             filter_string=f"tags.`{KIND_TAG}` = 'trial' and attributes.status = 'FINISHED'",
             max_results=1000,
             page_token=token,

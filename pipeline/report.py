@@ -455,7 +455,7 @@ def _paper_section(meta, summaries, configs, setting) -> list[str]:
         "",
     ]
     lines += _table(
-        ("config", "learner", "avg incremental acc (%)", f"vs paper {DGR} ({reference.dgr:.2f})", f"vs {other} ({reference.best_other:.2f})"),
+        ("config", "learner", "avg incremental acc (%)", f"vs paper DGR {reference.dgr:.2f}", f"vs {other} {reference.best_other:.2f}"),
         [
             (
                 s.config_name, s.learner, _pm(s.mean["avg_incremental_acc"], s.std["avg_incremental_acc"]),

@@ -92,9 +92,6 @@ DEFAULT_STORAGE = "ray_results"
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # An --address that does not answer makes ray.init retry for minutes; a plain connect says so in seconds.
 RAY_CONNECT_TIMEOUT_S = 5.0
-# Tune snapshots the experiment (trials, searcher) at most this often. Short, so that a killed
-# driver rarely forgets a trial it had started; a snapshot of a few trials takes milliseconds.
-EXPERIMENT_SNAPSHOT_S = "2"
 # Ray's trial checkpoint: the phase state (so `Result.checkpoint` loads a model without MLflow)
 # and the MLflow run it belongs to. The trial itself resumes from the copy in MLflow, which
 # `train_tracked` reads, so the two can never disagree.
@@ -105,6 +102,10 @@ LEADERBOARD_ROWS = 20
 
 class SweepError(RuntimeError):
     """A sweep that cannot start or resume (storage, Ray); the message is one line."""
+
+
+class SweepStopped(RuntimeError):
+    """Ray Tune ended the sweep with an error; what the trials finished is kept for --resume."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,22 +639,27 @@ def leaderboard_rows(trials: list[TrialSummary], spec: SweepSpec) -> list[dict[s
 
 
 def leaderboard_table(trials: list[TrialSummary], spec: SweepSpec, limit: int = LEADERBOARD_ROWS):
-    """A rich table of the top trials: sampled values and the metric after each phase."""
+    """A rich table of the top trials: the metric after each phase, then the sampled values.
+
+    The sampled values share one wrapping column, so that eight searched keys still fit a
+    terminal.
+    """
     from rich.table import Table
 
     metric = spec.tune.metric
     names = _short_names(list(spec.space))
-    table = Table(title=f"sweep {spec.name}: {metric} per phase ({spec.tune.mode})")
-    for column in ("#", "trial", "status", *names.values()):
-        table.add_column(column, justify="right" if column == "#" else "left")
-    table.add_column(f"{metric} by phase", justify="left")
-    table.add_column("final", justify="right")
+    table = Table(title=f"sweep {spec.name}: {metric} per phase ({spec.tune.mode} is best)")
+    table.add_column("#", justify="right")
+    table.add_column("trial", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("final", justify="right", no_wrap=True)
+    table.add_column(f"{metric} by phase", no_wrap=True)
+    table.add_column("sampled values", ratio=1)
     for rank, trial in enumerate(trials[:limit], start=1):
         per_phase = " ".join(_short(v, 2) for v in trial.values(metric)) or "-"
         final = _short(trial.last_value(metric), 2) if trial.status == FINISHED else "-"
-        table.add_row(
-            str(rank), trial.trial_id, trial.status, *(_short(trial.params.get(k)) for k in names), per_phase, final
-        )
+        values = "  ".join(f"{names[k]}={_short(trial.params.get(k))}" for k in spec.space)
+        table.add_row(str(rank), trial.trial_id, trial.status, final, per_phase, values)
     if len(trials) > limit:
         table.caption = f"{len(trials) - limit} more trials in the results table"
     return table
@@ -843,10 +849,13 @@ def sweep_command(
                 tuner = _new_tuner(spec, trainable, storage_dir, experiment_dir)
             tuner.fit()
     except BaseException as exc:
-        if parent is not None:
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            parent.finish("KILLED" if interrupted else "FAILED", error=None if interrupted else f"{type(exc).__name__}: {exc}")
-        raise
+        if parent is None or isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: Tune took the first
+            if parent is not None:
+                parent.finish("KILLED")
+            raise
+        fit_error = exc
+    else:
+        fit_error = None
     finally:
         _LIVE.pop(str(experiment_dir), None)
         if ray_started:
@@ -854,6 +863,14 @@ def sweep_command(
 
             ray.shutdown()
 
+    if fit_error is not None:
+        reason = _error_line(str(fit_error)) or type(fit_error).__name__
+        try:  # record what the trials got done, so that MLflow and the table agree with a resume
+            _finalise(spec, experiment_dir, uri, experiment_name, parent, started, say, failure=reason)
+        except Exception as exc:
+            parent.finish("FAILED", error=f"the sweep stopped: {reason}")
+            logger.warning("could not summarise the stopped sweep: %s", exc)
+        raise SweepStopped(f"the sweep stopped: {reason}; finished phases are kept, continue it with --resume") from fit_error
     try:
         return _finalise(spec, experiment_dir, uri, experiment_name, parent, started, say)
     except BaseException as exc:
@@ -874,7 +891,11 @@ def _orphaned_runs(parent: RunTracker, experiment_dir: Path) -> tuple[tuple[str,
     return tuple(orphans)
 
 
-def _finalise(spec, experiment_dir, uri, experiment_name, parent, started, say) -> SweepOutcome:
+def _finalise(spec, experiment_dir, uri, experiment_name, parent, started, say, failure: Optional[str] = None) -> SweepOutcome:
+    """Summarise the trials into the table, leaderboard and plots; end the parent run.
+
+    Also after a failed fit (`failure`), so that MLflow and the table show what was done.
+    """
     results_dir = experiment_dir / RESULTS_DIR
     trials = summarise_trials(experiment_dir, spec)
     base = config_to_dict(spec.base)
@@ -895,7 +916,10 @@ def _finalise(spec, experiment_dir, uri, experiment_name, parent, started, say) 
         for note in optuna_plots(trials, spec, folder / "plots"):
             say(note)
         _log_summary(parent, trials, spec, folder)
-    parent.finish("KILLED" if interrupted else "FINISHED")
+    if failure is not None:
+        parent.finish("FAILED", error=f"the sweep stopped: {failure}")
+    else:
+        parent.finish("KILLED" if interrupted else "FINISHED")
     return SweepOutcome(
         spec, experiment_dir, uri, experiment_name, parent.experiment_id, parent.run_id, trials, table_path,
         interrupted, time.monotonic() - started,
@@ -934,7 +958,6 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def _tune_settings() -> Iterator[None]:
     """Tune's knobs that only environment variables reach, for the duration of one fit."""
     knobs = {
-        "TUNE_GLOBAL_CHECKPOINT_S": EXPERIMENT_SNAPSHOT_S,
         # With num_to_keep=1 Tune snapshots the experiment after each phase's checkpoint (which a
         # resume wants) and warns that this may be slow; for a few trials it takes milliseconds.
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
@@ -945,9 +968,14 @@ def _tune_settings() -> Iterator[None]:
     saved = {key: os.environ.get(key) for key in knobs}
     for key, value in knobs.items():
         os.environ.setdefault(key, value)  # a user's own setting wins
+    # Its "Resume experiment with: Tuner.restore(...)" after Ctrl-C; the CLI says how instead.
+    tune_logger = logging.getLogger("ray.tune.tune")
+    saved_level = tune_logger.level
+    tune_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        tune_logger.setLevel(saved_level)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -1014,7 +1042,7 @@ def _start_ray(address: Optional[str]) -> bool:
         else:
             # "local" starts a new instance, never one found on this machine; its GCS takes a
             # free port, so a Redis on 6379 is no obstacle.
-            with _loopback_ray():
+            with _local_ray():
                 ray.init(
                     address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                     log_to_driver=False, logging_level=logging.WARNING,
@@ -1042,20 +1070,31 @@ def _check_address(address: str) -> None:
 
 
 @contextlib.contextmanager
-def _loopback_ray() -> Iterator[None]:
+def _local_ray() -> Iterator[None]:
+    """Settings for a Ray instance this command starts, while it starts (its processes inherit them).
+
+    Loopback: a local instance keeps every port on 127.0.0.1 (the flag is read into
+    ray_constants at import, so the module's copy is switched too). Memory monitor off: on a shared
+    machine Ray blames other programs' memory on its workers and kills them, and Tune (2.60)
+    does not survive that kill -- it ends the whole fit -- while a worker the kernel's OOM killer
+    takes is an ordinary trial failure that Tune retries. A user's own settings win.
+    """
     import ray._private.ray_constants as ray_constants
 
-    saved_env, saved_flag = os.environ.get(RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[RAY_LOOPBACK_ENV] = "0"
+    knobs = {RAY_LOOPBACK_ENV: "0", "RAY_memory_monitor_refresh_ms": os.environ.get("RAY_memory_monitor_refresh_ms", "0")}
+    saved_env = {key: os.environ.get(key) for key in knobs}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(knobs)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(RAY_LOOPBACK_ENV, None)
-        else:
-            os.environ[RAY_LOOPBACK_ENV] = saved_env
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _storage_dir(storage: Optional[str]) -> Path:

@@ -46,6 +46,11 @@ from pipeline.config import dump_yaml, flatten
 
 logger = logging.getLogger(__name__)
 
+# MLflow prints "View run ... at <tracking URI>" whenever a run ends through a client, with the
+# URI's credentials; every process that tracks imports this module, and the verbs print their own
+# redacted links (`run_url`). A user who wants MLflow's line can still set the variable to false.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 # MLflow's own default store, as a file in the working directory.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 

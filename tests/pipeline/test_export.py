@@ -72,7 +72,8 @@ def test_export_ranks_by_another_metric_and_rank(tiny_sweep, sweep_kit, tmp_path
 def test_export_by_mlflow_experiment_name_picks_the_same_trial(tiny_sweep, tmp_path):
     code, _ = invoke(tiny_sweep.experiment_dir, "-o", tmp_path / "from_folder.yaml")
     assert code == 0
-    code, output = invoke("tiny", "--metric", "loss", "--mode", "min", "--tracking-uri", tiny_sweep.tracking_uri, "-o", tmp_path / "from_mlflow.yaml")
+    # The sweep's metric and mode (loss, min) come from its parent run's params.
+    code, output = invoke("tiny", "--tracking-uri", tiny_sweep.tracking_uri, "-o", tmp_path / "from_mlflow.yaml")
     assert code == 0, output
     assert load_config(tmp_path / "from_mlflow.yaml") == load_config(tmp_path / "from_folder.yaml")
     assert any("MLflow experiment 'tiny'" in line for line in header(tmp_path / "from_mlflow.yaml"))

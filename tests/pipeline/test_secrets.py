@@ -98,7 +98,7 @@ def test_tracker_redacts_config_tags_run_name_and_errors(tmp_path, monkeypatch):
 
 
 @pytest.mark.e2e
-def test_run_check_and_sweep_through_a_uri_with_a_password(tmp_path, mlflow_server, data_root):
+def test_run_check_and_sweep_through_a_uri_with_a_password(tmp_path, mlflow_server, data_root, capsys):
     server = mlflow_server("sqlite")
     port = server.url.rsplit(":", 1)[1]
     uri = f"http://alice:{SECRET}@127.0.0.1:{port}"
@@ -135,8 +135,15 @@ def test_run_check_and_sweep_through_a_uri_with_a_password(tmp_path, mlflow_serv
                                    "--tracking-uri", f"http://alice:{SECRET}@127.0.0.1:9")  # fmt: skip
     assert code == 2 and "alice:***@127.0.0.1:9" in dead_err
 
+    # A run ended straight through MLflow's client (as the sweep driver ends stopped trials):
+    # MLflow's own "View run ... at <URI>" line stays silent.
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.get_experiment_by_name("secret-sweep").experiment_id).info.run_id
+    client.set_terminated(run_id, status="KILLED")
+    printed = capsys.readouterr()
+
     searched = assert_no_secret(MlflowClient(server.url), tmp_path, run_out, run_err, check_out, check_err,
-                                sweep_out, sweep_err, dead_out, dead_err)  # fmt: skip
+                                sweep_out, sweep_err, dead_out, dead_err, printed.out, printed.err)  # fmt: skip
     assert searched > 100
     # Ray's own records of the sweep (experiment state, trial results and params) too.
     for path in storage.rglob("*"):

@@ -327,7 +327,7 @@ def test_the_parquet_table_has_one_row_per_trial_phase_and_metric(tiny_sweep, sw
 @pytest.mark.e2e
 def test_the_leaderboard_is_printed_best_first(tiny_sweep, sweep_kit):
     phases = sweep_kit.phases
-    title = "sweep tiny: loss per phase (min)"
+    title = "sweep tiny: loss per phase (min is best)"
     assert title in tiny_sweep.stdout
     out = tiny_sweep.stdout[tiny_sweep.stdout.index(title):]  # the progress lines name trials too
     table = pq.read_table(tiny_sweep.results_dir / "trials.parquet").to_pylist()
