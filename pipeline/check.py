@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
@@ -113,7 +113,8 @@ def preflight(
             "task_timeout_s": max(10.0, ray_timeout_s - 30),
         }
         report = _probe_cluster(request, ray_timeout_s)
-        _cluster_results(report, address, resources_per_trial, probe if node_artifacts else None, results)
+        wanted = {STORAGE: storage_root is not None, DATASET: expected_data is not None}
+        _cluster_results(report, address, resources_per_trial, probe if node_artifacts else None, wanted, results)
     else:
         results.append(_local_resources(resources_per_trial))
         local = _node_probe(storage_root, _token_name("local"), "this machine", expected_data, None, None)
@@ -665,9 +666,14 @@ def _cluster_results(
     address: str,
     resources_per_trial: Optional[Mapping[str, float]],
     probe: Optional[_ArtifactProbe],
+    wanted: Mapping[str, bool],
     results: list[CheckResult],
 ) -> None:
-    """Turn the child's report into the Ray, artifacts, storage and dataset rows."""
+    """Turn the child's report into the Ray, artifacts, storage and dataset rows.
+
+    `probe` is the artifact probe when each node should write an artifact too; `wanted` says
+    whether storage and dataset were asked for (otherwise they are skipped).
+    """
     nodes = report.get("nodes")
     if not nodes:
         results.append(CheckResult(RAY, FAILED, report.get("error") or f"no alive node at {address}"))
@@ -686,8 +692,10 @@ def _cluster_results(
     probes = report.get("probes")
     if probes is None:
         error = report.get("error") or "the node probes did not run"
+        if probe is not None:
+            _replace(results, ARTIFACTS, CheckResult(ARTIFACTS, FAILED, f"from the nodes: {error}"))
         for check in (STORAGE, DATASET):
-            results.append(CheckResult(check, FAILED, error))
+            results.append(CheckResult(check, FAILED, error) if wanted[check] else CheckResult(check, SKIPPED, "not asked for"))
         return
     if probe is not None:
         for item in probes:

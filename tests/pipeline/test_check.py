@@ -160,3 +160,53 @@ def test_artifacts_round_trip_through_a_real_server_and_are_deleted(mlflow_serve
     assert results[0].status == "ok" and "MLflow server" in results[0].detail
     assert results[1].status == "ok" and results[1].detail.startswith("written and read back at mlflow-artifacts:")
     assert not [p for p in server.artifacts_dir.rglob("*") if p.is_file()]
+
+
+def cluster_rows(report, resources=None, wanted=None):
+    results = [CheckResult("tracking store", "ok", ""), CheckResult("artifacts", "ok", "written")]
+    wanted = wanted or {"storage": True, "dataset": True}
+    check._cluster_results(report, "10.0.0.5:6380", resources, None, wanted, results)
+    return {r.check: (r.status, r.detail) for r in results}
+
+
+NODES = [
+    {"id": "a" * 56, "ip": "10.0.0.5", "cpus": 8.0, "gpus": 0.0, "head": True},
+    {"id": "b" * 56, "ip": "10.0.0.6", "cpus": 8.0, "gpus": 2.0, "head": False},
+]
+
+
+def probes(**per_node):
+    return [
+        {"label": f"{n['id'][:12]} ({n['ip']})", "token": f"t{i}", "payload": "x", "storage_root": "/shared/ray_results",
+         "storage": None, "dataset_found": "/data/cifar10-jpeg.parquet", "dataset_error": None, **per_node.get(str(i), {})}
+        for i, n in enumerate(NODES)
+    ]  # fmt: skip
+
+
+def test_cluster_report_all_good():
+    rows = cluster_rows({"nodes": NODES, "probes": probes(), "reads": [{"label": "a", "error": None}] * 2}, {"cpu": 1, "gpu": 1})
+    assert rows["ray cluster"] == ("ok", "10.0.0.5:6380: 2 nodes, 16 CPUs, 2 GPUs")
+    assert rows["storage"][0] == "ok" and "from all 2 nodes" in rows["storage"][1]
+    assert rows["dataset"] == ("ok", "found at /data/cifar10-jpeg.parquet on all 2 nodes")
+
+
+def test_cluster_report_storage_local_to_each_node_is_not_shared():
+    reads = [{"label": "aaaaaaaaaaaa (10.0.0.5)", "error": None}, {"label": "bbbbbbbbbbbb (10.0.0.6)", "error": "/shared/x/t0 is missing"}]
+    rows = cluster_rows({"nodes": NODES, "probes": probes(), "reads": reads})
+    assert rows["storage"][0] == "failed"
+    assert rows["storage"][1].startswith("not shared by all nodes: node bbbbbbbbbbbb (10.0.0.6) does not see a file")
+
+
+def test_cluster_report_names_the_node_without_data_and_the_trial_that_fits_nowhere():
+    report = {"nodes": NODES, "probes": probes(**{"1": {"dataset_error": "CIFAR-10 not found: ..."}}), "reads": []}
+    rows = cluster_rows(report, {"cpu": 1, "gpu": 4})
+    assert rows["dataset"] == ("failed", "CIFAR-10 not found: ... (on node bbbbbbbbbbbb (10.0.0.6))")
+    assert rows["ray cluster"][0] == "failed" and rows["ray cluster"][1].startswith("no node has the 1 CPU + 4 GPU")
+
+
+def test_cluster_report_when_the_probes_did_not_run():
+    report = {"nodes": NODES, "error": "the node probes did not finish within 60 s"}
+    assert cluster_rows(report)["storage"] == ("failed", "the node probes did not finish within 60 s")
+    assert cluster_rows(report, wanted={"storage": False, "dataset": False})["storage"][0] == "skipped"
+    rows = cluster_rows({"stage": "start", "error": "no Ray cluster answered at 10.0.0.5:6380 within 30 s"})
+    assert rows["ray cluster"][0] == "failed" and rows["storage"][0] == "skipped"

@@ -16,11 +16,9 @@ import pytest
 import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
-from typer.testing import CliRunner
 
 from method.config import RunConfig
 from pipeline import tracking
-from pipeline.cli import app
 from pipeline.tracking import RunTracker, redact_text
 
 SECRET = "s3cret"
