@@ -429,7 +429,8 @@ class _LiveSweep:
 def write_trial_config(spec: SweepSpec, base: Mapping[str, Any], trial_id: str, params: Mapping[str, Any], path: Path) -> None:
     cfg = trial_config(base, params)
     keys = ", ".join(params)
-    save_config(cfg, path, header=f"Trial {trial_id} of sweep {spec.name}: its complete run config\n(the base config with {keys} sampled)")
+    header = f"Trial {trial_id} of sweep {spec.name}: its complete run config\n(the base config with {keys} sampled)"
+    save_config(cfg, path, header=header)
 
 
 def close_trial_run(client: MlflowClient, run_id: str, status: str, error: Optional[str] = None) -> None:
@@ -596,20 +597,22 @@ def _child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) ->
 
 def write_table(trials: list[TrialSummary], spec: SweepSpec, path: Path) -> Path:
     """One row per trial x phase x metric, with the sampled values as columns and as JSON."""
-    columns: dict[str, list] = {name: [] for name in ("trial_id", "mlflow_run_id", "phase", "metric", "value", "status", "error", "params")}
-    param_columns: dict[str, list] = {key: [] for key in spec.space}
+    rows = []
     for trial in trials:
         params_json = json.dumps(trial.params, sort_keys=True, default=str)
         for phase in sorted(trial.metrics_by_phase):
             for metric, value in sorted(trial.metrics_by_phase[phase].items()):
-                for name, item in zip(columns, (trial.trial_id, trial.mlflow_run_id, phase, metric, value, trial.status, trial.error, params_json)):
-                    columns[name].append(item)
-                for key in spec.space:
-                    param_columns[key].append(trial.params.get(key))
-    schema = {"phase": pa.int32(), "value": pa.float64()}
-    arrays = {name: pa.array(values, type=schema.get(name, pa.string())) for name, values in columns.items()}
-    for key, values in param_columns.items():
-        arrays[key] = _param_array(values)
+                rows.append({
+                    "trial_id": trial.trial_id, "mlflow_run_id": trial.mlflow_run_id, "phase": phase,
+                    "metric": metric, "value": value, "status": trial.status, "error": trial.error,
+                    "params": params_json,
+                })  # fmt: skip
+    types = {"phase": pa.int32(), "value": pa.float64()}
+    names = ("trial_id", "mlflow_run_id", "phase", "metric", "value", "status", "error", "params")
+    arrays = {name: pa.array([row[name] for row in rows], type=types.get(name, pa.string())) for name in names}
+    for key in spec.space:
+        by_trial = {t.trial_id: t.params.get(key) for t in trials}
+        arrays[key] = _param_array([by_trial[row["trial_id"]] for row in rows])
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(arrays), path)
     return path
@@ -806,7 +809,9 @@ def sweep_command(
             raise SweepError(f"--resume: no sweep {spec.name!r} in {storage_dir} (no {results_dir / SPEC_FILE})")
         key = differing_key(spec, saved_spec)
         if key is not None:
-            raise ConfigError(f"{key}: differs from the sweep being resumed ({experiment_dir}); resume with the same sweep file and overrides")
+            raise ConfigError(
+                f"{key}: differs from the sweep being resumed ({experiment_dir}); resume with the same sweep file and overrides"
+            )
     elif restorable:
         raise SweepError(
             f"{experiment_dir} already holds sweep {spec.name!r}: pass --resume to continue it, "
@@ -818,7 +823,8 @@ def sweep_command(
     check_tracking(uri)  # also creates a fresh SQLite store's schema, once, before trials race on it
     parent_info = _read_json(results_dir / PARENT_FILE)
     if parent_info and experiment and experiment != parent_info["experiment"]:
-        raise ConfigError(f"--experiment: sweep {spec.name!r} logs to experiment {parent_info['experiment']!r}, not {experiment!r}")
+        logged = parent_info["experiment"]
+        raise ConfigError(f"--experiment: sweep {spec.name!r} logs to experiment {logged!r}, not {experiment!r}")
     experiment_name = parent_info["experiment"] if parent_info else (experiment or spec.name)
 
     ray_started = _start_ray(address)
@@ -828,7 +834,8 @@ def sweep_command(
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
         (results_dir / PARENT_FILE).write_text(json.dumps({"run_id": parent.run_id, "experiment": experiment_name}))
-        say(f"sweep {spec.name}: {spec.tune.num_samples} trials searching {', '.join(spec.space)}; Ray results in {experiment_dir}")
+        searched = ", ".join(spec.space)
+        say(f"sweep {spec.name}: {spec.tune.num_samples} trials searching {searched}; Ray results in {experiment_dir}")
         say(f"MLflow parent run: {parent.url}")
         orphans = _orphaned_runs(parent, experiment_dir) if resume and restorable else ()
         context = TrialContext(
@@ -1138,8 +1145,10 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 
 def _open_parent_run(uri: str, experiment: str, spec: SweepSpec, experiment_dir: Path, saved: Optional[dict]) -> RunTracker:
     """The sweep's parent run: reopened when the storage folder names one, else created."""
-    tags = {KIND_TAG: "sweep", SWEEP_TAG: spec.name, "imbcil.storage": str(experiment_dir),
-            "dataset": spec.base.data.dataset, "protocol": protocol_name(spec.base), "learner": spec.base.learner.name}  # fmt: skip
+    tags = {
+        KIND_TAG: "sweep", SWEEP_TAG: spec.name, "imbcil.storage": str(experiment_dir),
+        "dataset": spec.base.data.dataset, "protocol": protocol_name(spec.base), "learner": spec.base.learner.name,
+    }  # fmt: skip
     if saved:
         return RunTracker(uri, experiment, run_id=saved["run_id"], tags=tags)
     parent = RunTracker(uri, experiment, run_name=spec.name, tags=tags)
