@@ -304,22 +304,8 @@ def _learner(c: Mapping[str, Any]) -> str:
     return f"{c['learner']} (2-stage)" if c.get("two_stage") else c["learner"]
 
 
-def _budget(c: Mapping[str, Any], paper_epochs: int) -> str:
-    """The training budget in words, measured against the paper's."""
-    reduced = []
-    if c["epochs"] != paper_epochs:
-        reduced.append(f"{_epochs(c['epochs'])} per task (the paper: {paper_epochs})")
-    if c["train_fraction"] < 1.0:
-        reduced.append(f"{_percent(c['train_fraction'])} of the training images")
-    if c["test_fraction"] < 1.0:
-        reduced.append(f"{_percent(c['test_fraction'])} of the test images")
-    if not reduced:
-        return f"the paper's: {paper_epochs} epochs per task, all images"
-    return "reduced: " + ", ".join(reduced)
-
-
-def _protocol_differences(c: Mapping[str, Any], paper_epochs: int) -> list[str]:
-    """Where a config departs from the setting the paper's numbers were measured in."""
+def _reductions(c: Mapping[str, Any], paper_epochs: int) -> list[str]:
+    """How a config's training budget falls short of the paper's."""
     out = []
     if c["epochs"] != paper_epochs:
         out.append(f"{_epochs(c['epochs'])} per task (the paper: {paper_epochs})")
@@ -327,6 +313,18 @@ def _protocol_differences(c: Mapping[str, Any], paper_epochs: int) -> list[str]:
         out.append(f"{_percent(c['train_fraction'])} of the training images")
     if c["test_fraction"] < 1.0:
         out.append(f"{_percent(c['test_fraction'])} of the test images")
+    return out
+
+
+def _budget(c: Mapping[str, Any], paper_epochs: int) -> str:
+    """The training budget in words, measured against the paper's."""
+    reduced = _reductions(c, paper_epochs)
+    return "reduced: " + ", ".join(reduced) if reduced else f"the paper's: {paper_epochs} epochs per task, all images"
+
+
+def _protocol_differences(c: Mapping[str, Any], paper_epochs: int) -> list[str]:
+    """Where a config departs from the setting the paper's numbers were measured in."""
+    out = _reductions(c, paper_epochs)
     if c["imbalance"] != "exp" or c["rho"] != 100.0:
         out.append(f"imbalance {c['imbalance']} rho {c['rho']:g} (the paper: exp, rho 100)")
     if c["memory_budget"] != "per_class" or c["memory_per_class"] != 20:

@@ -111,7 +111,7 @@ def test_several_configs_give_one_row_each(tmp_path, data_root):
     dgr, replay = write_config(tmp_path, "tiny-dgr", "dgr"), write_config(tmp_path, "tiny-replay", "replay")
     uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "compare"
     code, stdout, stderr = invoke(
-        "reproduce", dgr, replay, "--seeds", "0", "--parallel", "1", "--experiment", "compare",
+        "reproduce", dgr, replay, "--seeds", "0", "--experiment", "compare",
         "--data-root", data_root, "--tracking-uri", uri, "--output", out,
     )  # fmt: skip
     assert code == 0, stdout + stderr
@@ -201,6 +201,22 @@ def test_unreachable_tracking_server_and_ray_address(tmp_path, data_root, unused
 def test_report_of_a_folder_without_results(tmp_path):
     line = assert_one_line_exit_2(*invoke("report", tmp_path))
     assert "no results table" in line
+
+
+def test_in_process_runs_continue_past_a_failed_seed():
+    """One seed that fails must not cost the others their runs (the Ray path reports the same way)."""
+    from pipeline.reproduce import InProcess, SeedJob
+
+    jobs = [SeedJob("a", RunConfig(seed=s)) for s in (0, 1, 2)]
+    outcomes = []
+
+    def submit(job):
+        if job.cfg.seed == 1:
+            raise RuntimeError("out of\nmemory")
+        return job.cfg.seed
+
+    InProcess().run(jobs, submit, lambda job, result, error: outcomes.append((job.cfg.seed, result, error)))
+    assert outcomes == [(0, 0, None), (1, None, "RuntimeError: out of memory"), (2, 2, None)]
 
 
 # ----------------------------------------------------------------------- argument parsing
