@@ -92,6 +92,48 @@ def training_step(
     return sum(term.detach() for term in terms.values())
 
 
+def refit_heads(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-stage classifier pass: SGD on class-balanced draws of fixed features, from (weight, bias).
+
+    It is a logistic regression, solved on standardised features and folded back into the heads
+    exactly (logits = W (x - mu) / s + b = (W / s) x + (b - W mu / s)), so the result does not
+    depend on the scale of the features. Eval-mode features can be of any scale -- a backbone
+    whose BatchNorm statistics come from a few batches gives features of 1e8 -- and plain SGD at
+    a fixed learning rate on those blows the heads up, and the next phase's training with them.
+    Class-balanced: each draw picks a class uniformly among those present, then an image of it.
+    """
+    mean = features.mean(0)
+    scale = features.std(0, unbiased=False).clamp_min(1e-6)
+    standardised = (features - mean) / scale
+    counts = torch.bincount(labels.cpu(), minlength=weight.shape[0]).clamp_min(1)
+    sample_weights = (1.0 / counts[labels.cpu()]).to(torch.float64)
+    with torch.no_grad():  # the current heads in standardised coordinates: the warm start
+        w = (weight * scale).requires_grad_()
+        b = (bias + weight @ mean).requires_grad_()
+    optimizer = torch.optim.SGD([w, b], lr=lr, momentum=0.9)
+    for _ in range(epochs):
+        order = torch.multinomial(sample_weights, len(labels), replacement=True, generator=generator).to(features.device)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            loss = F.cross_entropy(F.linear(standardised[batch], w, b), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        folded = w / scale
+        return folded, b - folded @ mean
+
+
 class IncrementalTrainer:
     def __init__(
         self,
@@ -274,21 +316,11 @@ class IncrementalTrainer:
     def _retrain_classifier(self, indices: torch.Tensor, num_seen: int) -> None:
         """Two-stage: refit the heads on class-balanced samples of frozen-backbone features."""
         features, labels = self._features(indices)
-        counts = torch.bincount(labels.cpu(), minlength=num_seen).clamp_min(1)
-        sample_weights = (1.0 / counts[labels.cpu()]).to(torch.float64)
-        weight = self.model.head_weight.detach().clone().requires_grad_()
-        bias = self.model.head_bias.detach().clone().requires_grad_()
-        optimizer = torch.optim.SGD([weight, bias], lr=self.cfg.learner.two_stage_lr, momentum=0.9)
-        batch_size = self.cfg.train.batch_size
-        for _ in range(self.cfg.learner.two_stage_epochs):
-            order = torch.multinomial(sample_weights, len(labels), replacement=True, generator=self.generator)
-            order = order.to(self.device)
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                loss = F.cross_entropy(F.linear(features[batch], weight, bias), labels[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        learner = self.cfg.learner
+        weight, bias = refit_heads(
+            features, labels, self.model.head_weight, self.model.head_bias, epochs=learner.two_stage_epochs,
+            lr=learner.two_stage_lr, batch_size=self.cfg.train.batch_size, generator=self.generator,
+        )  # fmt: skip
         with torch.no_grad():
             self.model.head_weight.copy_(weight)
             self.model.head_bias.copy_(bias)

@@ -28,12 +28,12 @@ from mlflow.exceptions import MlflowException
 from method.config import RunConfig, paper_budget
 from method.data import RawData, build_benchmark, load_raw
 from pipeline import report
+from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, dump_yaml, load_config, validate
 from pipeline.run import apply_cli_options, train_tracked
 from pipeline.tracking import (
     RunTracker,
     TrackingError,
-    check_tracking,
     protocol_name,
     redact_uri,
     resolve_tracking_uri,
@@ -473,11 +473,15 @@ class Outcome:
     executor: str = ""
 
 
-def preflight(plan: Plan) -> None:
-    """Every input error, before anything trains: data (by building each benchmark once), store, output."""
+def check_inputs(plan: Plan, cpus_per_run: float, gpus_per_run: Optional[float]) -> None:
+    """Every input error, before anything trains: data (by building each benchmark once), then
+    `imbcil check`'s preflight (store and its schema, artifacts, the cluster and data on its
+    nodes), then the output folder."""
     for entry in plan.entries:
         build_benchmark(entry.cfg.data, entry.cfg.protocol, plan.seeds[0], raw=_raw_data(entry.cfg))
-    check_tracking(plan.tracking_uri)
+    resources = {"cpu": cpus_per_run, "gpu": gpus_per_run or 0.0}
+    results = preflight(plan.tracking_uri, address=plan.address, cfg=plan.entries[0].cfg, resources_per_trial=resources)
+    raise_on_failure(results)
     try:
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         probe = plan.output_dir / ".imbcil-write-test"
@@ -547,7 +551,7 @@ def reproduce(
 ) -> Outcome:
     """Run every config x seed, then aggregate, write the table and report, and log them."""
     started = time.perf_counter()
-    preflight(plan)
+    check_inputs(plan, cpus_per_run, gpus_per_run)
     jobs = _jobs(plan)
     cpus = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     at_once = parallel if parallel is not None else max(1, int(cpus // max(cpus_per_run, 1e-9)))

@@ -46,6 +46,7 @@ from method.config import RunConfig
 from method.data import DataError, RawData, build_benchmark, load_raw, resolve_source
 from method.results import METRIC_NAMES, PhaseResult
 from method.trainer import NonFiniteLossError
+from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, config_to_dict, save_config
 from pipeline.run import apply_cli_options, train_tracked
 from pipeline.sweep_config import (
@@ -67,6 +68,8 @@ from pipeline.sweep_config import (
     TABLE_FILE,
     TRIAL_CONFIG_DIR,
     TRIAL_ID_TAG,
+    NODE_ID_TAG,
+    NODE_IP_TAG,
     SweepSpec,
     differing_key,
     load_sweep,
@@ -77,7 +80,6 @@ from pipeline.tracking import (
     PARENT_RUN_TAG,
     RunTracker,
     TrackingError,
-    check_tracking,
     protocol_name,
     resolve_tracking_uri,
     run_url,
@@ -197,7 +199,7 @@ def _params_json(params: Mapping[str, Any]) -> str:
 
 
 def _open_trial_run(context: TrialContext, trial_id: str, run_id: Optional[str], params: Mapping[str, Any]) -> RunTracker:
-    tags = {KIND_TAG: "trial", TRIAL_ID_TAG: trial_id, SWEEP_TAG: context.sweep, PARAMS_TAG: _params_json(params)}
+    tags = {KIND_TAG: "trial", TRIAL_ID_TAG: trial_id, SWEEP_TAG: context.sweep, PARAMS_TAG: _params_json(params), **_node_tags()}
     if run_id is None:
         return RunTracker(
             context.tracking_uri, context.experiment, run_name=f"{context.sweep}-{trial_id}",
@@ -210,6 +212,16 @@ def _open_trial_run(context: TrialContext, trial_id: str, run_id: Optional[str],
         # The driver stopped this trial, then died before Tune's snapshot said so: it trains on.
         tracker.client.delete_tag(run_id, STOPPED_EARLY_TAG)
     return tracker
+
+
+def _node_tags() -> dict[str, str]:
+    """Where this attempt of the trial runs; on a cluster, what to look at when a node misbehaves."""
+    import ray
+
+    try:
+        return {NODE_ID_TAG: ray.get_runtime_context().get_node_id(), NODE_IP_TAG: ray.util.get_node_ip_address()}
+    except Exception:  # not inside Ray (a trial function called directly)
+        return {}
 
 
 def _find_trial_run(client: MlflowClient, context: TrialContext, trial_id: str) -> Optional[str]:
@@ -820,7 +832,12 @@ def sweep_command(
     _check_data(spec)
 
     uri = absolute_tracking_uri(resolve_tracking_uri(tracking_uri))
-    check_tracking(uri)  # also creates a fresh SQLite store's schema, once, before trials race on it
+    # Store (a fresh SQLite schema is created here, once, before trials race on it), artifacts,
+    # cluster room for one trial, storage seen by every node, data on every node: `imbcil check`.
+    checked = time.monotonic()
+    results = preflight(uri, address=address, storage=str(storage_dir), cfg=spec.base, resources_per_trial=spec.tune.resources_per_trial)
+    raise_on_failure(results)
+    say(f"preflight: {sum(r.status == 'ok' for r in results)} checks passed in {time.monotonic() - checked:.1f} s")
     parent_info = _read_json(results_dir / PARENT_FILE)
     if parent_info and experiment and experiment != parent_info["experiment"]:
         logged = parent_info["experiment"]

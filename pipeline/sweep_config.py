@@ -61,6 +61,9 @@ TABLE_FILE = "trials.parquet"  # one row per trial x phase x metric
 KIND_TAG = "imbcil.kind"  # "sweep" (the parent run) or "trial"
 SWEEP_TAG = "imbcil.sweep"
 TRIAL_ID_TAG = "imbcil.trial_id"
+# The Ray node the trial last ran on (a restarted trial may move: the tag follows it).
+NODE_ID_TAG = "imbcil.ray_node_id"
+NODE_IP_TAG = "imbcil.ray_node_ip"
 STOPPED_EARLY_TAG = "imbcil.stopped_early"
 DIVERGED_TAG = "imbcil.diverged"
 ORPHANED_TAG = "imbcil.orphaned"

@@ -120,9 +120,10 @@ def test_memory_beats_finetuning_on_last_accuracy(last_accuracy):
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=False, reason="known bug (issue 3): with two_stage on, replay's loss becomes NaN in "
-                   "phase 4 of this tiny run; the classifier refit needs fixing")
 def test_two_stage_runs_with_any_learner(data_root, benchmark_factory):
+    # This tiny run's eval-mode features reach 1e4-1e8 (BatchNorm statistics from one batch a
+    # phase); a refit that is not scale-free blew the heads, then the next phase's loss, to NaN.
     cfg = small_config(data_root, "replay", learner__two_stage=True, learner__two_stage_epochs=2)
     results = run_all(cfg, benchmark_factory(cfg))
-    assert len(results) == 5 and np.isfinite(results[-1].metrics["acc"])
+    assert len(results) == 5
+    assert all(np.isfinite(r.metrics["loss"]) and np.isfinite(r.metrics["acc"]) for r in results)

@@ -194,7 +194,7 @@ def test_unreachable_tracking_server_and_ray_address(tmp_path, data_root, unused
         *invoke("reproduce", config, "--seeds", "0", "1", "--data-root", data_root, "--tracking-uri", uri,
                 "--address", f"127.0.0.1:{unused_port}", "--output", tmp_path / "out")
     )  # fmt: skip
-    assert f"--address: Ray cluster at 127.0.0.1:{unused_port} is not reachable" in line
+    assert f"preflight: ray cluster: no Ray cluster answers at 127.0.0.1:{unused_port}" in line
     assert all_runs(MlflowClient(uri)) == []
 
 
