@@ -523,7 +523,7 @@ def aggregate_metrics(summaries: Sequence[report.ConfigSummary], several: bool) 
 
 def _log_parent_setup(parent: RunTracker, plan: Plan) -> None:
     first = plan.entries[0].cfg
-    client, run_id = parent.client, parent.run_id
+    client, run_id = parent.retrying, parent.run_id
     params = {
         "seeds": ",".join(map(str, plan.seeds)),
         "configs": ",".join(e.config_name for e in plan.entries),
@@ -627,10 +627,10 @@ def _run_all(plan: Plan, jobs: list[SeedJob], executor: Any, cpus: float, gpus: 
         try:
             metrics = aggregate_metrics(summaries, several=len(plan.entries) > 1)
             for start_at in range(0, len(metrics), 1000):
-                parent.client.log_batch(parent.run_id, metrics=metrics[start_at : start_at + 1000], synchronous=True)
+                parent.retrying.log_batch(parent.run_id, metrics=metrics[start_at : start_at + 1000], synchronous=True)
             for name in (report.RESULTS_FILE, report.REPORT_FILE, report.PLOT_FILE):
                 if (plan.output_dir / name).is_file():
-                    parent.client.log_artifact(parent.run_id, str(plan.output_dir / name))
+                    parent.retrying.log_artifact(parent.run_id, str(plan.output_dir / name))
         except (MlflowException, OSError) as exc:
             raise TrackingError(f"could not log the aggregate in {redact_uri(plan.tracking_uri)}: {_one_line_error(exc)}") from exc
         outcome = Outcome(

@@ -36,7 +36,7 @@ def logged_config(tracker: RunTracker) -> RunConfig:
     """The config a run was started with (its config.yaml artifact)."""
     with tempfile.TemporaryDirectory(prefix="imbcil-config-") as tmp:
         try:
-            path = tracker.client.download_artifacts(tracker.run_id, "config.yaml", tmp)
+            path = tracker.retrying.download_artifacts(tracker.run_id, "config.yaml", tmp)
         except Exception:
             raise TrackingError(f"run {tracker.run_id} has no config.yaml artifact; it was not started by imbcil") from None
         return config_from_dict(read_yaml(path))
@@ -134,9 +134,9 @@ def _metric_rows(tracker: RunTracker, phases: int) -> list[dict[str, float]]:
     if phases == 0:
         return []
     rows = [dict() for _ in range(phases)]
-    run = tracker.client.get_run(tracker.run_id)
+    run = tracker.retrying.get_run(tracker.run_id)
     for key in run.data.metrics:
-        for metric in tracker.client.get_metric_history(tracker.run_id, key):
+        for metric in tracker.retrying.get_metric_history(tracker.run_id, key):
             if metric.step < phases:
                 rows[metric.step][key] = metric.value
     return rows

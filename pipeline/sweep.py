@@ -208,9 +208,9 @@ def _open_trial_run(context: TrialContext, trial_id: str, run_id: Optional[str],
     tracker = RunTracker(
         context.tracking_uri, context.experiment, run_id=run_id, parent_run_id=context.parent_run_id, tags=tags
     )
-    if STOPPED_EARLY_TAG in tracker.client.get_run(run_id).data.tags:
+    if STOPPED_EARLY_TAG in tracker.retrying.get_run(run_id).data.tags:
         # The driver stopped this trial, then died before Tune's snapshot said so: it trains on.
-        tracker.client.delete_tag(run_id, STOPPED_EARLY_TAG)
+        tracker.retrying.delete_tag(run_id, STOPPED_EARLY_TAG)
     return tracker
 
 
@@ -273,7 +273,7 @@ class _PhaseReporter:
             self._send(phase, self._logged_metrics(phase), self.tracker.load_checkpoint(phase))
 
     def _logged_metrics(self, phase: int) -> dict[str, float]:
-        client, run_id = self.tracker.client, self.tracker.run_id
+        client, run_id = self.tracker.retrying, self.tracker.run_id
         metrics = {}
         for name in client.get_run(run_id).data.metrics:
             points = [m for m in client.get_metric_history(run_id, name) if m.step == phase]
@@ -304,7 +304,7 @@ class _PhaseReporter:
         in on_trial_complete.
         """
         reason = f"diverged: {exc}"
-        self.tracker.client.set_tag(self.tracker.run_id, DIVERGED_TAG, "true")
+        self.tracker.retrying.set_tag(self.tracker.run_id, DIVERGED_TAG, "true")
         self.tracker.finish("FAILED", error=reason)
         tune.report({
             self.metric: math.nan, "diverged": True, "error": reason, "phase": self.phases_done,
@@ -862,7 +862,7 @@ def sweep_command(
         )  # fmt: skip
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), dict(spec.tune.resources_per_trial))
-        _LIVE[str(experiment_dir)] = _LiveSweep(spec, parent.client, results_dir, say)
+        _LIVE[str(experiment_dir)] = _LiveSweep(spec, parent.retrying, results_dir, say)
         with _tune_settings():
             if resume and restorable:
                 say(f"resuming sweep {spec.name} from {experiment_dir}")
@@ -908,7 +908,7 @@ def _orphaned_runs(parent: RunTracker, experiment_dir: Path) -> tuple[tuple[str,
 
     known = {trial.trial_id for trial in ExperimentAnalysis(str(experiment_dir)).trials}
     orphans = []
-    for run in _child_runs(parent.client, parent.experiment_id, parent.run_id):
+    for run in _child_runs(parent.retrying, parent.experiment_id, parent.run_id):
         tags = run.data.tags
         if tags.get(TRIAL_ID_TAG) not in known and run.info.status != "FINISHED" and PARAMS_TAG in tags:
             orphans.append((run.info.run_id, tags[TRIAL_ID_TAG], tags[PARAMS_TAG]))
@@ -927,7 +927,7 @@ def _finalise(spec, experiment_dir, uri, experiment_name, parent, started, say, 
         path = results_dir / TRIAL_CONFIG_DIR / f"{trial.trial_id}.yaml"
         if trial.params and not path.exists():
             write_trial_config(spec, base, trial.trial_id, trial.params, path)
-    reconcile_runs(parent.client, parent.experiment_id, parent.run_id, trials)
+    reconcile_runs(parent.retrying, parent.experiment_id, parent.run_id, trials)
     trials = rank_trials(trials, spec.tune.metric, spec.tune.mode)
     table_path = write_table(trials, spec, results_dir / TABLE_FILE)
     interrupted = any(t.status == INCOMPLETE for t in trials)
@@ -951,7 +951,7 @@ def _finalise(spec, experiment_dir, uri, experiment_name, parent, started, say, 
 
 
 def _log_summary(parent: RunTracker, trials: list[TrialSummary], spec: SweepSpec, folder: Path) -> None:
-    client, run_id = parent.client, parent.run_id
+    client, run_id = parent.retrying, parent.run_id
     metric = spec.tune.metric
     counts = {status: sum(t.status == status for t in trials) for status in STATUSES}
     now = int(time.time() * 1000)
@@ -1170,7 +1170,7 @@ def _open_parent_run(uri: str, experiment: str, spec: SweepSpec, experiment_dir:
         return RunTracker(uri, experiment, run_id=saved["run_id"], tags=tags)
     parent = RunTracker(uri, experiment, run_name=spec.name, tags=tags)
     try:
-        client, run_id = parent.client, parent.run_id
+        client, run_id = parent.retrying, parent.run_id
         params = [Param(f"tune.{k}", str(v)) for k, v in dataclasses.asdict(spec.tune).items()]
         params += [Param(f"space.{k}", d.describe()) for k, d in spec.space.items()]
         client.log_batch(run_id, params=params[:100], synchronous=True)

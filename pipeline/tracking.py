@@ -235,23 +235,42 @@ def check_tracking(uri: str, timeout_s: float = 5) -> None:
     """
     scheme = _scheme(uri)
     try:
-        if scheme in ("http", "https"):
-            _check_http(uri, timeout_s)
-        elif scheme == "sqlite":
-            _check_sqlite(uri)
-            MlflowClient(uri).search_experiments(max_results=1)
-        elif scheme in ("", "file"):
-            _check_writable_dir(Path(urllib.parse.urlsplit(uri).path if scheme else uri), uri)
-            MlflowClient(uri).search_experiments(max_results=1)
-        elif scheme in ("postgresql", "mysql", "mssql"):
-            _check_database(uri, timeout_s)
-            MlflowClient(uri).search_experiments(max_results=1)
-        else:
-            MlflowClient(uri).search_experiments(max_results=1)
+        with _quiet_schema_setup():
+            _check_store(uri, scheme, timeout_s)
     except TrackingError:
         raise
     except Exception as exc:
         raise TrackingError(f"tracking store {redact_uri(uri)} is not usable: {_short_reason(exc, timeout_s)}") from exc
+
+
+@contextlib.contextmanager
+def _quiet_schema_setup() -> Iterator[None]:
+    """MLflow logs its schema creation and migration steps at INFO; a CLI prints one line or none."""
+    loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def _check_store(uri: str, scheme: str, timeout_s: float) -> None:
+    if scheme in ("http", "https"):
+        _check_http(uri, timeout_s)
+    elif scheme == "sqlite":
+        _check_sqlite(uri)
+        MlflowClient(uri).search_experiments(max_results=1)
+    elif scheme in ("", "file"):
+        _check_writable_dir(Path(urllib.parse.urlsplit(uri).path if scheme else uri), uri)
+        MlflowClient(uri).search_experiments(max_results=1)
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        _check_database(uri, timeout_s)
+        MlflowClient(uri).search_experiments(max_results=1)
+    else:
+        MlflowClient(uri).search_experiments(max_results=1)
 
 
 def _unreachable(uri: str, reason: str) -> TrackingError:
@@ -647,6 +666,11 @@ class RunTracker:
     def url(self) -> str:
         return run_url(self.tracking_uri, self._experiment_id, self._run_id)
 
+    @property
+    def retrying(self) -> "RetryingClient":
+        """This tracker's MlflowClient with every call retried as the tracker's own writes are."""
+        return RetryingClient(self)
+
     # -- errors and retries --------------------------------------------------------------------
 
     def _failure(self, action: str, exc: BaseException) -> TrackingError:
@@ -918,6 +942,29 @@ class RunTracker:
         except Exception as close_exc:  # the original exception matters more
             logger.warning("could not mark run %s %s: %s", self._run_id, status, redact_text(close_exc))
         return False
+
+
+class RetryingClient:
+    """An MlflowClient whose calls ride out an outage within the tracker's bound (RunTracker._call).
+
+    For the bookkeeping around runs -- a sweep driver closing its trials' runs, a parent run's
+    summary -- which would otherwise wait on MLflow's own HTTP retries, unbounded by
+    $IMBCIL_TRACKING_RETRY_S. Only for calls that may be repeated: reads, tags, status, files,
+    and metrics whose timestamps are fixed before the call.
+    """
+
+    def __init__(self, tracker: RunTracker) -> None:
+        self._tracker = tracker
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._tracker.client, name)
+        if not callable(method):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._tracker._call(name.replace("_", " "), lambda: method(*args, **kwargs))
+
+        return call
 
 
 def _redacted(tags: Mapping[str, Any]) -> dict[str, str]:

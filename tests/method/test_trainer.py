@@ -32,7 +32,7 @@ def benchmark_factory(cifar10_raw):
     cache = {}
 
     def make(cfg):
-        key = (cfg.data.train_fraction, cfg.data.test_fraction, cfg.seed)
+        key = (cfg.data.scenario, cfg.data.train_fraction, cfg.data.test_fraction, cfg.seed)
         if key not in cache:
             cache[key] = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=cifar10_raw)
         return cache[key]
@@ -93,30 +93,35 @@ def test_resume_refuses_a_checkpoint_of_another_split(data_root, benchmark_facto
         next(IncrementalTrainer(ordered, benchmark=benchmark).phases(first.state))
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("learner", ["finetune", "replay", "lwf", "icarl", "wa", "dgr"])
+def test_every_learner_runs(data_root, benchmark_factory, learner):
+    cfg = small_config(data_root, learner)
+    results = run_all(cfg, benchmark_factory(cfg))
+    assert [r.phase for r in results] == [0, 1, 2, 3, 4]
+    assert all(np.isfinite(r.metrics["loss"]) and 0.0 <= r.metrics["acc"] <= 100.0 for r in results)
+
+
 @pytest.fixture(scope="module")
 def last_accuracy(data_root, benchmark_factory):
-    """Last accuracy of each learner on CIFAR-10-LT LFS-5 (20% of the data, 3 epochs)."""
+    """Last accuracy on CIFAR-10-LT ordered LFS-5, 15% of the training data, 8 epochs a task.
+
+    Ordered, because its first task (airplane vs automobile, the two largest classes) is learnt
+    in a few epochs; the shuffled order's first task for seed 0 (bird vs deer, 2.2k images)
+    stays at the class prior even after 20 epochs, and a memory of features that never formed
+    protects nothing. Finetuning ends predicting only the last task's classes (ship, truck).
+    """
     results = {}
-    for learner in ("finetune", "replay", "lwf", "icarl", "wa", "dgr"):
-        cfg = small_config(data_root, learner, epochs=3, train_fraction=0.2)
-        final = run_all(cfg, benchmark_factory(cfg))[-1]
-        assert np.isfinite(final.metrics["loss"])
-        results[learner] = final.metrics["acc"]
+    for learner in ("finetune", "replay", "dgr"):
+        cfg = small_config(data_root, learner, epochs=8, train_fraction=0.15, data__scenario="ordered", data__test_fraction=0.2)
+        results[learner] = run_all(cfg, benchmark_factory(cfg))[-1].metrics["acc"]
     return results
 
 
 @pytest.mark.e2e
-def test_every_learner_runs(last_accuracy):
-    assert set(last_accuracy) == {"finetune", "replay", "lwf", "icarl", "wa", "dgr"}
-    assert all(0.0 <= acc <= 100.0 for acc in last_accuracy.values())
-
-
-@pytest.mark.e2e
-@pytest.mark.xfail(strict=False, reason="3 epochs on 20% of CIFAR-10-LT may leave every learner near chance "
-                   "on the last phase; the budget at which the ordering is reliable is still to be found (issue 3)")
 def test_memory_beats_finetuning_on_last_accuracy(last_accuracy):
-    assert last_accuracy["dgr"] > last_accuracy["finetune"]
-    assert last_accuracy["replay"] > last_accuracy["finetune"]
+    assert last_accuracy["dgr"] > last_accuracy["finetune"], last_accuracy
+    assert last_accuracy["replay"] > last_accuracy["finetune"], last_accuracy
 
 
 @pytest.mark.e2e

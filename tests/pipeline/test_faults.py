@@ -159,6 +159,28 @@ def test_an_unanswered_create_is_retried_only_if_it_never_left(sqlite_tracker):
     assert sqlite_tracker._call("log tags", lambda: attempts.append(1) or (len(attempts) > 1 or lost_answer())) is True
 
 
+def test_driver_calls_through_retrying_are_retried_within_the_bound(sqlite_tracker, monkeypatch):
+    # A sweep driver closing a trial's run while the server is away: retried, then it lands.
+    client = sqlite_tracker.client
+    real_set_tag, attempts = client.set_tag, []
+
+    def set_tag(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise refused()
+        return real_set_tag(*args, **kwargs)
+
+    monkeypatch.setattr(client, "set_tag", set_tag)
+    sqlite_tracker.retrying.set_tag(sqlite_tracker.run_id, "imbcil.stopped_early", "true")
+    assert len(attempts) == 3 and sqlite_tracker.sleeps == [0.5, 1.0]
+    assert client.get_run(sqlite_tracker.run_id).data.tags["imbcil.stopped_early"] == "true"
+    # Past the bound: one line naming the store and the call, not MLflow's own minutes of retries.
+    monkeypatch.setattr(client, "get_run", lambda *a: (_ for _ in ()).throw(refused()))
+    sqlite_tracker.retry_timeout_s = 0  # this clock's sleeps are fake: a bound of 0 ends at once
+    with pytest.raises(TrackingError, match=r"did not answer for \d+ s \(could not get run\)"):
+        sqlite_tracker.retrying.get_run(sqlite_tracker.run_id)
+
+
 def test_bad_retry_setting_is_refused(monkeypatch):
     monkeypatch.setenv(tracking.RETRY_ENV, "soon")
     with pytest.raises(TrackingError, match="IMBCIL_TRACKING_RETRY_S: expected a number of seconds"):

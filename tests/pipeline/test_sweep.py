@@ -132,6 +132,39 @@ def test_bad_sweep_files_fail_with_one_line_before_ray_starts(tmp_path, sweep_ki
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.parametrize("case", ["tracking server down", "unwritable storage", "dataset missing", "no room for a trial"])
+def test_preflight_failures_stop_the_sweep_before_ray_with_one_line(tmp_path, sweep_kit, data_root, unused_port, case):
+    import ray
+
+    tune = dict(sweep_kit.tune, resources_per_trial={"cpu": 1, "gpu": 1}) if case == "no room for a trial" else sweep_kit.tune
+    base = dict(sweep_kit.base, device="auto") if case == "no room for a trial" else sweep_kit.base
+    path = sweep_kit.write_sweep(tmp_path / "tiny.yaml", base=base, tune=tune)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, data = tmp_path / "store", data_root
+    expected = {
+        "tracking server down": f"error: preflight: tracking store: tracking server http://127.0.0.1:{unused_port} is not reachable",
+        "unwritable storage": f"error: preflight: storage: {tmp_path / 'a_file' / 'store'} is not writable",
+        "dataset missing": "error: preflight: dataset: CIFAR-10 not found",
+        "no room for a trial": "error: preflight: ray cluster: a trial asks for 1 CPU + 1 GPU",
+    }[case]
+    if case == "tracking server down":
+        uri = f"http://127.0.0.1:{unused_port}"
+    elif case == "unwritable storage":
+        (tmp_path / "a_file").write_text("not a folder")
+        storage = tmp_path / "a_file" / "store"
+    elif case == "dataset missing":
+        data = tmp_path / "empty"
+        data.mkdir()
+    args = ["sweep", path, "--storage", storage, "--data-root", data, "--tracking-uri", uri]
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.output
+    assert not ray.is_initialized()
+    if case != "tracking server down":  # nothing of the sweep reached the store
+        assert {e.name for e in MlflowClient(uri).search_experiments()} <= {"Default", "imbcil-preflight"}
+
+
 def test_cli_refuses_searched_overrides_missing_files_data_and_resumes(tmp_path, sweep_kit, monkeypatch):
     monkeypatch.delenv("IMBCIL_DATA", raising=False)
     path = sweep_kit.write_sweep(tmp_path / "tiny.yaml")
