@@ -12,6 +12,8 @@ import argparse
 import sys
 import time
 
+import torch
+
 from method.config import RunConfig, resolve_dataset_defaults
 from method.data import build_benchmark
 from method.trainer import IncrementalTrainer
@@ -53,7 +55,10 @@ def main() -> None:
     parser.add_argument("--milestones", type=int, nargs="+", default=[10, 15])
     parser.add_argument("--train-fraction", type=float, default=1.0)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     first = config(args, "dgr", {})
     benchmark = build_benchmark(first.data, first.protocol, first.seed)
     print(f"CIFAR-10-LT shuffled LFS-5, seed {args.seed}, {args.epochs} epochs, milestones {args.milestones}, "

@@ -88,9 +88,8 @@ def paper_protocol(cfg: RunConfig) -> Optional[str]:
     """The paper's name for the config's task split, or None when the paper never ran that split.
 
     Same names as `tracking.protocol_name`, but stricter: LFH must start from half the classes
-    (CIFAR-100 20 + 8x10 is "LFH-8" there, yet no paper setting), and LFS on Food-101's 101
-    classes puts the one left-over class into the first task (11 + 9x10 for LFS-10), the
-    reference's split that `protocol_name` would call "LFH-9".
+    (CIFAR-100 20 + 8x10 is "LFH-8" there, yet no paper setting), and LFS allows no other
+    remainder than the one class Food-101's 101 classes leave (11 + 9x10 for LFS-10).
     """
     num_classes = DATASET_FACTS[cfg.data.dataset]["num_classes"]
     first, tasks = cfg.protocol.first_task_classes, cfg.protocol.incremental_tasks

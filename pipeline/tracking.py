@@ -410,7 +410,10 @@ def protocol_name(cfg: RunConfig) -> str:
     num_classes = DATASET_FACTS[cfg.data.dataset]["num_classes"]
     first = cfg.protocol.first_task_classes
     tasks = cfg.protocol.incremental_tasks
-    if first * tasks == num_classes - first:
+    rest = num_classes - first
+    # Equal tasks, or the reference's split of a class count that does not divide: the one
+    # left-over class goes to the first task (Food-101 LFS-10 is 11 + 9x10, LFS-20 6 + 19x5).
+    if rest in (first * tasks, (first - 1) * tasks):
         return f"LFS-{tasks + 1}"
     return f"LFH-{tasks}"
 

@@ -173,6 +173,10 @@ def test_protocol_names():
     assert tracking.protocol_name(cfg) == "LFS-5"
     cfg.protocol.first_task_classes, cfg.protocol.incremental_tasks = 5, 5
     assert tracking.protocol_name(cfg) == "LFH-5"
+    cfg.data.dataset = "food101"  # 101 classes: the left-over class goes to the first task
+    for first, tasks, name in [(11, 9, "LFS-10"), (6, 19, "LFS-20"), (51, 5, "LFH-5"), (51, 10, "LFH-10")]:
+        cfg.protocol.first_task_classes, cfg.protocol.incremental_tasks = first, tasks
+        assert tracking.protocol_name(cfg) == name, (first, tasks)
 
 
 def test_experiment_get_or_create_is_tagged(tmp_path, uri):
