@@ -182,13 +182,23 @@ def test_ctrl_c_ends_the_run_killed_with_exit_130(tmp_path, data_root):
     client.search_experiments()
     command = [sys.executable, "-m", "pipeline.cli", "run", str(REPO / "configs/quickstart.yaml"), *TINY,
                "train.epochs=3", "--data-root", str(data_root), "--tracking-uri", uri, "--experiment", "ctrl-c"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
     try:
-        run_id = wait_for_phase(client, "ctrl-c", 0, process)
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
+        # Interrupt as phase 1 starts (its progress line), not when MLflow shows phase 0: a
+        # reader polling a busy SQLite file may see that only after the run has ended.
+        for line in process.stdout:
+            seen.append(line)
+            if line.startswith("[run] phase 1/"):
+                process.send_signal(signal.SIGINT)
+                break
+        rest, _ = process.communicate(timeout=120)
     finally:
         process.kill()
+    output = "".join(seen) + rest
     assert process.returncode == 130, output
-    assert client.get_run(run_id).info.status == "KILLED"
+    (run,) = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["imbcil.last_phase"] == "0"
     assert "error: interrupted" in output and "Traceback" not in output
