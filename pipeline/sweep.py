@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import socket
 import tempfile
 import time
 import warnings
@@ -92,8 +91,6 @@ DEFAULT_STORAGE = "ray_results"
 # single-machine cluster (this variable, read into ray_constants at import); a local instance is
 # told so while it starts, and its processes inherit the setting.
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-# An --address that does not answer makes ray.init retry for minutes; a plain connect says so in seconds.
-RAY_CONNECT_TIMEOUT_S = 5.0
 # Ray's trial checkpoint: the phase state (so `Result.checkpoint` loads a model without MLflow)
 # and the MLflow run it belongs to. The trial itself resumes from the copy in MLflow, which
 # `train_tracked` reads, so the two can never disagree.
@@ -1061,7 +1058,6 @@ def _start_ray(address: Optional[str]) -> bool:
         return False
     try:
         if address:
-            _check_address(address)
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:
             # "local" starts a new instance, never one found on this machine; its GCS takes a
@@ -1071,26 +1067,10 @@ def _start_ray(address: Optional[str]) -> bool:
                     address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                     log_to_driver=False, logging_level=logging.WARNING,
                 )  # fmt: skip
-    except SweepError:
-        raise
     except Exception as exc:
         where = f"connect to the Ray cluster at {address}" if address else "start Ray on this machine"
         raise SweepError(f"could not {where}: {_error_line(str(exc)) or type(exc).__name__}") from None
     return True
-
-
-def _check_address(address: str) -> None:
-    if address == "auto":
-        return
-    target = address.split("://", 1)[1] if "://" in address else address
-    host, sep, port = target.rstrip("/").rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise SweepError(f"--address: expected HOST:PORT or ray://HOST:PORT (got {address!r})")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        raise SweepError(f"--address: no Ray cluster answers at {address}: {exc.strerror or type(exc).__name__}") from None
 
 
 @contextlib.contextmanager
