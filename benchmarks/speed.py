@@ -1,7 +1,8 @@
 """Training speed of a real trial against the bare network step, in one process.
 
     PYTHONPATH=. python benchmarks/speed.py --data-root ../shared/data            # CPU, short
-    PYTHONPATH=. python benchmarks/speed.py --data-root data --device cuda --epochs 20 --modes fp32 bf16
+    PYTHONPATH=. python benchmarks/speed.py --data-root data --device cuda --epochs 20 \
+        --modes fp32 bf16 bf16+graph --concurrent 1 4 8
 
 Prints, per mode: the bare ResNet-32 step rate (forward, backward, SGD on inputs already on the
 device), the trial's wall time and effective training images/s (from the phase results), their
@@ -15,32 +16,40 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from method.backbones import IncrementalNet
 from method.config import RunConfig, resolve_dataset_defaults
 from method.data import build_benchmark, load_raw
+from method.graphs import graph_training_forward
 from method.trainer import IncrementalTrainer, resolve_device
 
 
-def bare_step_rate(device: torch.device, batch_size: int, bf16: bool, steps: int, warmup: int = 5) -> float:
+def bare_step_rate(device: torch.device, batch_size: int, bf16: bool, graph: bool, steps: int, warmup: int = 5) -> float:
+    """Forward, backward and SGD of the plain network on one fixed batch already on the device."""
     torch.manual_seed(0)
     model = IncrementalNet("resnet32").to(device)
     model.add_head(10)
-    memory_format = torch.channels_last if bf16 else torch.contiguous_format
+    # The trainer's own layout choice (trainer.py): channels_last on CPU and with bf16.
+    memory_format = torch.channels_last if (bf16 or device.type == "cpu") else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graph)
+
+    forward = graph_training_forward(model, x, autocast) if graph else model
     for i in range(warmup + steps):
         if i == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        with autocast:
-            loss = F.cross_entropy(model(x).float(), y)
+        with autocast():
+            loss = F.cross_entropy(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -49,13 +58,14 @@ def bare_step_rate(device: torch.device, batch_size: int, bf16: bool, steps: int
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def trial_config(args, learner: str, precision: str) -> RunConfig:
-    cfg = RunConfig(name=f"speed-{learner}", seed=0, device=args.device)
+def trial_config(args, learner: str, mode: str, seed: int = 0) -> RunConfig:
+    cfg = RunConfig(name=f"speed-{learner}", seed=seed, device=args.device)
     cfg.data.dataset, cfg.data.root, cfg.data.train_fraction = "cifar10", args.data_root, args.train_fraction
     cfg.protocol.first_task_classes, cfg.protocol.incremental_tasks = 2, 4
     cfg.train.epochs = args.epochs
     cfg.train.milestones = [max(1, args.epochs // 2), max(1, (3 * args.epochs) // 4)]
-    cfg.train.precision = precision
+    cfg.train.precision = mode.split("+")[0]
+    cfg.train.cuda_graph = mode.endswith("+graph")
     cfg.learner.name = learner
     cfg.memory.budget = "none" if learner == "finetune" else "per_class"
     return resolve_dataset_defaults(cfg)
@@ -105,11 +115,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-fraction", type=float, default=0.25)
-    parser.add_argument("--modes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp32+graph", "bf16+graph"])
     parser.add_argument("--learners", nargs="+", default=["finetune", "replay", "dgr"])
     parser.add_argument("--bare-steps", type=int, default=30)
     parser.add_argument("--concurrent", type=int, nargs="*", default=[],
                         help="also run K DGR trials at once on the device, for each K given (e.g. 1 4 8)")
+    parser.add_argument("--accuracy-seeds", type=int, nargs="*", default=[],
+                        help="also run DGR over these seeds in every mode: mean and spread of avg inc acc (e.g. 0 1 2)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), torch {torch.__version__}")
@@ -118,7 +130,7 @@ def main() -> None:
     benchmark = build_benchmark(raw_cfg.data, raw_cfg.protocol, raw_cfg.seed, raw=raw)
     print(f"CIFAR-10-LT LFS-5, {args.epochs} epochs per task, {len(benchmark.train)} training images (fraction {args.train_fraction})")
     for mode in args.modes:
-        bare = bare_step_rate(device, 128, mode == "bf16", args.bare_steps)
+        bare = bare_step_rate(device, 128, mode.startswith("bf16"), mode.endswith("+graph"), args.bare_steps)
         print(f"\n[{mode}] bare ResNet-32 step, batch 128: {bare:,.0f} images/s")
         rates = {}
         for learner in args.learners:
@@ -135,6 +147,14 @@ def main() -> None:
         for k in args.concurrent:
             wall, per_minute = concurrent_trials(args, mode, k)
             print(f"  {k} DGR trials at once: {wall:.1f} s wall, {per_minute:.1f} trials per minute")
+        if args.accuracy_seeds:
+            accuracies = []
+            for seed in args.accuracy_seeds:
+                cfg = trial_config(args, "dgr", mode, seed)
+                accuracies.append(run_trial(cfg, build_benchmark(cfg.data, cfg.protocol, seed, raw=raw))["avg_incremental_acc"])
+            spread = float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else float("nan")
+            listed = ", ".join(f"{a:.2f}" for a in accuracies)
+            print(f"  DGR avg inc acc over seeds {args.accuracy_seeds}: {listed}; mean {np.mean(accuracies):.2f} +- {spread:.2f}")
 
 
 if __name__ == "__main__":

@@ -92,9 +92,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.learner.name == "finetune" and cfg.memory.budget != "none":
         # finetune is defined as learning without memory; say so rather than silently ignore.
         raise ConfigError("memory.budget: learner finetune keeps no memory; set memory.budget=none")
-    if cfg.train.cuda_graph:
-        # Kept in the tree for configs to come; until the captured step exists, say so.
-        raise ConfigError("train.cuda_graph: CUDA-graph capture of the step is not available yet; set it to false")
+    if cfg.train.cuda_graph and cfg.device == "cpu":
+        raise ConfigError("train.cuda_graph: CUDA graphs need device cuda (or auto on a CUDA machine), not cpu")
     source = cfg.data.source
     if source == "parquet" and cfg.data.dataset != "cifar10":
         raise ConfigError(f"data.source: parquet holds CIFAR-10 only (dataset {cfg.data.dataset})")

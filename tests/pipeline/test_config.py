@@ -123,7 +123,7 @@ def test_dotted_overrides_apply_with_yaml_types(tmp_path: Path):
 
 BAD_OVERRIDES = [
     (["bogus=1"], "bogus"),
-    (["train.cuda_graph=true"], "train.cuda_graph"),
+    (["device=cpu", "train.cuda_graph=true"], "train.cuda_graph"),
     (["train.lrr=0.1"], "train.lrr"),
     (["learner.dgr.lambda=0.5"], "learner.dgr.lambda"),
     (["train=5"], "train"),
