@@ -122,4 +122,8 @@ class IncrementalNet(nn.Module):
         return F.linear(features, self.head_weight, self.head_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.backbone(x))
+        # The heads always run in fp32, also under bf16 autocast: a teacher's logits are soft
+        # targets, and rounding logits of 10-20 to bf16 (steps of 0.06-0.125) would blur them.
+        features = self.backbone(x)
+        with torch.autocast(features.device.type, enabled=False):
+            return self.logits(features.float())
