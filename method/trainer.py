@@ -322,12 +322,14 @@ class IncrementalTrainer:
         batches_per_epoch = math.ceil(len(indices) / train.batch_size)
         epoch_loss = math.nan
         backbone, teacher = self.model.backbone, self.old_model
+        captured = False  # graphs are captured on this task's first full batch
         for epoch in range(train.epochs):
             self.model.train()
             loss_sum = torch.zeros((), device=self.device)
             for batch, (x, y) in enumerate(self.train_images.train_batches(indices, train.batch_size, self.generator)):
-                if train.cuda_graph and epoch == batch == 0:
+                if train.cuda_graph and not captured and len(x) == train.batch_size:
                     backbone, teacher = self._graphed_forwards(x)
+                    captured = True
                 loss_sum += training_step(
                     self.model, teacher, self.learner, x, y, optimizer, self._autocast, backbone=backbone
                 )
