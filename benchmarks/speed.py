@@ -1,7 +1,7 @@
 """Training speed of a real trial against the bare network step, in one process.
 
     PYTHONPATH=. python benchmarks/speed.py --data-root ../shared/data            # CPU, short
-    PYTHONPATH=. python benchmarks/speed.py --data-root data --device cuda --epochs 20 \
+    PYTHONPATH=. python benchmarks/speed.py --data-root data_cache --device cuda --epochs 20 \
         --modes fp32 bf16 bf16+graph --concurrent 1 4 8
 
 Prints, per mode: the bare ResNet-32 step rate (forward, backward, SGD on inputs already on the
