@@ -58,14 +58,19 @@ def bare_step_rate(device: torch.device, batch_size: int, bf16: bool, graph: boo
     return batch_size * steps / (time.perf_counter() - start)
 
 
+def parse_mode(mode: str) -> tuple[str, bool]:
+    """'bf16+graph' -> ('bf16', True): the precision and whether the step is CUDA-graphed."""
+    precision, _, graph = mode.partition("+")
+    return precision, graph == "graph"
+
+
 def trial_config(args, learner: str, mode: str, seed: int = 0) -> RunConfig:
     cfg = RunConfig(name=f"speed-{learner}", seed=seed, device=args.device)
     cfg.data.dataset, cfg.data.root, cfg.data.train_fraction = "cifar10", args.data_root, args.train_fraction
     cfg.protocol.first_task_classes, cfg.protocol.incremental_tasks = 2, 4
     cfg.train.epochs = args.epochs
     cfg.train.milestones = [max(1, args.epochs // 2), max(1, (3 * args.epochs) // 4)]
-    cfg.train.precision = mode.split("+")[0]
-    cfg.train.cuda_graph = mode.endswith("+graph")
+    cfg.train.precision, cfg.train.cuda_graph = parse_mode(mode)
     cfg.learner.name = learner
     cfg.memory.budget = "none" if learner == "finetune" else "per_class"
     return resolve_dataset_defaults(cfg)
@@ -130,7 +135,8 @@ def main() -> None:
     benchmark = build_benchmark(raw_cfg.data, raw_cfg.protocol, raw_cfg.seed, raw=raw)
     print(f"CIFAR-10-LT LFS-5, {args.epochs} epochs per task, {len(benchmark.train)} training images (fraction {args.train_fraction})")
     for mode in args.modes:
-        bare = bare_step_rate(device, 128, mode.startswith("bf16"), mode.endswith("+graph"), args.bare_steps)
+        precision, graph = parse_mode(mode)
+        bare = bare_step_rate(device, 128, precision == "bf16", graph, args.bare_steps)
         print(f"\n[{mode}] bare ResNet-32 step, batch 128: {bare:,.0f} images/s")
         rates = {}
         for learner in args.learners:

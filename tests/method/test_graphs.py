@@ -32,6 +32,22 @@ def task_one():
     return TaskContext(task=1, num_old=3, num_seen=5, class_counts=counts, original_counts=original, n_seen=75, n_new=48)
 
 
+def student_and_teacher():
+    """A ResNet-32 at task 1 (3 old + 2 new classes) on CUDA, and its frozen task-0 teacher."""
+    torch.manual_seed(0)
+    model = IncrementalNet("resnet32").cuda()
+    model.add_head(3)
+    teacher = frozen_teacher(model)
+    model.add_head(2)
+    return model, teacher
+
+
+def dgr_learner():
+    learner = make_learner(LearnerConfig(name="dgr"))
+    learner.begin_task(task_one())
+    return learner
+
+
 def batches(sizes, seed=0):
     generator = torch.Generator(device="cuda").manual_seed(seed)
     for size in sizes:
@@ -41,17 +57,12 @@ def batches(sizes, seed=0):
 
 @needs_cuda
 def test_graphed_dgr_step_trains_as_the_eager_step():
-    torch.manual_seed(0)
-    model = IncrementalNet("resnet32").cuda()
-    model.add_head(3)
-    teacher = frozen_teacher(model)
-    model.add_head(2)
+    model, teacher = student_and_teacher()
     graphed_model = copy.deepcopy(model)
     sizes = [16, 16, 16, 10]  # the last, shorter batch runs eagerly
     results = []
     for net, graphed in ((model, False), (graphed_model, True)):
-        learner = make_learner(LearnerConfig(name="dgr"))
-        learner.begin_task(task_one())
+        learner = dgr_learner()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         net.train()
         backbone, old = net.backbone, teacher
@@ -68,13 +79,8 @@ def test_graphed_dgr_step_trains_as_the_eager_step():
 
 @needs_cuda
 def test_graphed_step_runs_without_host_synchronisation():
-    torch.manual_seed(0)
-    model = IncrementalNet("resnet32").cuda()
-    model.add_head(3)
-    teacher = frozen_teacher(model)
-    model.add_head(2)
-    learner = make_learner(LearnerConfig(name="dgr"))
-    learner.begin_task(task_one())
+    model, teacher = student_and_teacher()
+    learner = dgr_learner()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     data = list(batches([32] * 4))
