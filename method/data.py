@@ -51,6 +51,9 @@ class Split:
     labels: np.ndarray  # (N,) int64 class positions
     images: Optional[torch.Tensor] = None
     paths: Optional[list[str]] = None
+    # (N,) each image's position in the dataset's own train or test array: what shows that
+    # validation, training and test images never overlap.
+    origin: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,6 +64,7 @@ class Split:
             labels=self.labels[indices],
             images=None if self.images is None else self.images[torch.from_numpy(indices)],
             paths=None if self.paths is None else [self.paths[i] for i in indices],
+            origin=None if self.origin is None else self.origin[indices],
         )
 
 
@@ -408,4 +412,4 @@ def _split_from_raw(raw: RawData, which: str, indices: np.ndarray) -> Split:
     labels = raw.train_labels if which == "train" else raw.test_labels
     images = raw.train_images if which == "train" else raw.test_images
     paths = raw.train_paths if which == "train" else raw.test_paths
-    return Split(labels=labels.copy(), images=images, paths=paths).subset(indices)
+    return Split(labels=labels.copy(), images=images, paths=paths, origin=np.arange(len(labels))).subset(indices)

@@ -6,6 +6,7 @@ task t on the test images of task u; entries with u > t, and rows not reached ye
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -50,6 +51,34 @@ def class_weighted_accuracy(acc_matrix: np.ndarray, t: int, classes_per_task: Se
 def average_incremental_accuracy(acc_matrix: np.ndarray, t: int) -> float:
     """The paper's table number (at t = T-1): every phase counts, task 0 included."""
     return float(np.mean([average_accuracy(acc_matrix, s) for s in range(t + 1)]))
+
+
+def validation_accuracy(val_matrix: np.ndarray, t: int) -> float:
+    """avg_acc[t] on the held-out images: the mean over the seen tasks that have any (method.md §4).
+
+    A task whose classes all kept every image (n <= 5, method.md §1) has no held-out image and a
+    NaN entry; it is left out rather than counted as 0 %. NaN when no seen task has one.
+    """
+    row = np.asarray(val_matrix, dtype=np.float64)[t, : t + 1]
+    present = ~np.isnan(row)
+    return float(row[present].mean()) if present.any() else math.nan
+
+
+def validation_class_weighted_accuracy(val_matrix: np.ndarray, t: int, classes_per_task: Sequence) -> float:
+    """The class-weighted avg_acc[t] on held-out images, over the seen tasks that have any."""
+    row = np.asarray(val_matrix, dtype=np.float64)[t, : t + 1]
+    weights = np.array([len(c) if isinstance(c, (list, tuple, np.ndarray)) else c for c in classes_per_task[: t + 1]], dtype=np.float64)
+    present = ~np.isnan(row)
+    if not present.any():
+        return math.nan
+    return float((row[present] * weights[present]).sum() / weights[present].sum())
+
+
+def validation_average_incremental_accuracy(val_matrix: np.ndarray, t: int) -> float:
+    """The mean of validation_accuracy over phases 0..t, skipping phases where it is NaN."""
+    values = [validation_accuracy(val_matrix, s) for s in range(t + 1)]
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def forgetting(acc_matrix: np.ndarray, t: int) -> float:

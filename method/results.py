@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -18,11 +18,35 @@ METRIC_NAMES = (
     "acc_many",  # accuracy on classes with > 100 training images
     "acc_medium",  # 20..100
     "acc_few",  # < 20
+    # The same on the held-out 10 % of each task's training images (method.md §1), over the seen
+    # tasks that have held-out images: what sweeps select on, so the test set is only reported.
+    "val_acc",
+    "val_acc_class_weighted",
+    "val_avg_incremental_acc",
+    "val_images",  # held-out images of the seen classes that the validation used
     "loss",  # mean training loss of the phase's last epoch
     "train_images_per_s",  # training images processed per second of training
     "train_seconds",
     "phase_seconds",  # training + memory update + evaluation
 )
+# Computed on the test set: reported, never selected on.
+TEST_METRICS = ("acc", "acc_class_weighted", "avg_incremental_acc", "task_aware_acc", "forgetting", "acc_many", "acc_medium", "acc_few")
+VALIDATION_METRICS = ("val_acc", "val_acc_class_weighted", "val_avg_incremental_acc")
+
+
+def paired_metric(name: str) -> str | None:
+    """The same quantity on the other split: val_acc <-> acc; None when there is none."""
+    if name in VALIDATION_METRICS:
+        return name[len("val_") :]
+    if f"val_{name}" in VALIDATION_METRICS:
+        return f"val_{name}"
+    return None
+
+
+def reported_beside(name: str) -> str | None:
+    """The test metric reported next to a validation metric that a sweep selects by."""
+    other = paired_metric(name)
+    return other if name in VALIDATION_METRICS else None
 
 
 @dataclass
@@ -42,6 +66,8 @@ class PhaseResult:
     # Everything needed to continue with phase + 1 (model, memory, RNG states, matrices);
     # torch.save-able, CPU tensors only.
     state: dict[str, Any] = field(repr=False, default_factory=dict)
+    # Like acc_matrix, on the held-out images; NaN also for a seen task without held-out images.
+    val_matrix: Optional[np.ndarray] = None
 
     @property
     def is_last(self) -> bool:

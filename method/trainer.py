@@ -35,6 +35,9 @@ from method.metrics import (
     new_matrix,
     shot_accuracies,
     shot_groups,
+    validation_accuracy,
+    validation_average_incremental_accuracy,
+    validation_class_weighted_accuracy,
 )
 from method.results import PhaseResult
 
@@ -182,13 +185,15 @@ class IncrementalTrainer:
         workers = cfg.data.num_workers
         self.train_images = image_source(self.benchmark.train, self.benchmark, self.device, workers, channels_last)
         self.test_images = image_source(self.benchmark.test, self.benchmark, self.device, workers, channels_last)
+        # Held-out images score every phase (selection) and, if asked, every epoch (a print).
         self.val_images = (
             image_source(self.benchmark.val, self.benchmark, self.device, workers, channels_last)
-            if cfg.train.validate_every_epoch and len(self.benchmark.val)
+            if len(self.benchmark.val)
             else None
         )
         self.train_labels = torch.as_tensor(self.benchmark.train.labels)
         self.test_labels = torch.as_tensor(self.benchmark.test.labels)
+        self.val_labels = torch.as_tensor(self.benchmark.val.labels)
         self.task_sizes = [len(c) for c in self.benchmark.task_classes]
         self.task_of_class = torch.as_tensor(
             np.repeat(np.arange(len(self.task_sizes)), self.task_sizes), dtype=torch.long
@@ -210,6 +215,7 @@ class IncrementalTrainer:
         self.old_model: Optional[IncrementalNet] = None
         self.acc_matrix = new_matrix(self.benchmark.num_tasks)
         self.task_aware_matrix = new_matrix(self.benchmark.num_tasks)
+        self.val_matrix = new_matrix(self.benchmark.num_tasks)
         return 0
 
     def _state(self, task: int) -> dict[str, Any]:
@@ -223,6 +229,7 @@ class IncrementalTrainer:
             "memory": self.memory.state_dict(),
             "acc_matrix": self.acc_matrix.copy(),
             "task_aware_matrix": self.task_aware_matrix.copy(),
+            "val_matrix": self.val_matrix.copy(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "generator": self.generator.get_state(),
@@ -240,6 +247,8 @@ class IncrementalTrainer:
         self.memory.load_state_dict(state["memory"])
         self.acc_matrix = np.array(state["acc_matrix"], dtype=float)
         self.task_aware_matrix = np.array(state["task_aware_matrix"], dtype=float)
+        if state.get("val_matrix") is not None:  # absent from checkpoints of before validation metrics
+            self.val_matrix = np.array(state["val_matrix"], dtype=float)
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -340,7 +349,7 @@ class IncrementalTrainer:
                 raise NonFiniteLossError(f"training loss became {epoch_loss} in phase {task}, epoch {epoch}")
             event = {"event": "epoch_end", "phase": task, "epoch": epoch + 1, "epochs": train.epochs,
                      "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"]}
-            if self.val_images is not None:
+            if train.validate_every_epoch and self.val_images is not None:
                 event["val_acc"] = self._validation_accuracy(ctx.num_seen)
             self.progress(event)
         return epoch_loss, train.epochs * len(indices)
@@ -425,23 +434,39 @@ class IncrementalTrainer:
         return 100.0 * float(correct) / max(len(indices), 1)
 
     @torch.no_grad()
+    def _score_split(self, images, split_labels: torch.Tensor, split, task: int, num_seen: int, class_means: Optional[torch.Tensor]):
+        """The phase's final model on a split's images of tasks 0..task: (accuracy rows, image count)."""
+        bench = self.benchmark
+        indices = torch.as_tensor(bench.task_indices(split, range(task + 1)), dtype=torch.long)
+        task_of_class = self.task_of_class[:num_seen].to(self.device)
+        predictions = torch.empty(0, dtype=torch.long, device=self.device)
+        aware_predictions = predictions
+        if len(indices):
+            batches, aware_batches = [], []
+            for x, y in images.eval_batches(indices, self.cfg.train.eval_batch_size):
+                scores = self._scores(self.old_model, x, num_seen, class_means)
+                batches.append(scores.argmax(1))
+                # Task-aware: argmax within the head of the image's own task.
+                in_own_task = task_of_class[None, :] == task_of_class[y][:, None]
+                aware_batches.append(scores.masked_fill(~in_own_task, -math.inf).argmax(1))
+            predictions, aware_predictions = torch.cat(batches), torch.cat(aware_batches)
+        rows = accuracy_rows(predictions.cpu(), aware_predictions.cpu(), split_labels[indices], bench.task_classes, task)
+        return rows, len(indices)
+
+    @torch.no_grad()
     def _evaluate(self, task: int, num_seen: int, class_means: Optional[torch.Tensor]) -> PhaseResult:
         bench = self.benchmark
-        indices = torch.as_tensor(bench.task_indices(bench.test, range(task + 1)))
-        task_of_class = self.task_of_class[:num_seen].to(self.device)
-        predictions, aware_predictions = [], []
-        for x, y in self.test_images.eval_batches(indices, self.cfg.train.eval_batch_size):
-            scores = self._scores(self.old_model, x, num_seen, class_means)
-            predictions.append(scores.argmax(1))
-            # Task-aware: argmax within the head of the image's own task.
-            in_own_task = task_of_class[None, :] == task_of_class[y][:, None]
-            aware_predictions.append(scores.masked_fill(~in_own_task, -math.inf).argmax(1))
-        predictions = torch.cat(predictions).cpu()
-        aware_predictions = torch.cat(aware_predictions).cpu()
-        labels = self.test_labels[indices]
-        rows = accuracy_rows(predictions, aware_predictions, labels, bench.task_classes, task)
+        rows, _ = self._score_split(self.test_images, self.test_labels, bench.test, task, num_seen, class_means)
         self.acc_matrix[task, : task + 1] = rows.acc
         self.task_aware_matrix[task, : task + 1] = rows.task_aware
+        # The same pass on the held-out images: a task without any stays NaN (method.md §4).
+        val_rows, val_images = (
+            self._score_split(self.val_images, self.val_labels, bench.val, task, num_seen, class_means)
+            if self.val_images is not None
+            else (None, 0)
+        )
+        if val_rows is not None:
+            self.val_matrix[task, : task + 1] = val_rows.acc
 
         train_counts = bench.train_counts[:num_seen]
         memory_counts = self.memory.counts()
@@ -453,6 +478,10 @@ class IncrementalTrainer:
             "avg_incremental_acc": average_incremental_accuracy(self.acc_matrix, task),
             "task_aware_acc": float(np.mean(self.task_aware_matrix[task, : task + 1])),
             "forgetting": forgetting(self.acc_matrix, task),
+            "val_acc": validation_accuracy(self.val_matrix, task),
+            "val_acc_class_weighted": validation_class_weighted_accuracy(self.val_matrix, task, bench.task_classes),
+            "val_avg_incremental_acc": validation_average_incremental_accuracy(self.val_matrix, task),
+            "val_images": float(val_images),
         }
         metrics.update(shot_accuracies(rows.class_correct, rows.class_total, train_counts[order]))
         per_class = {
@@ -474,4 +503,5 @@ class IncrementalTrainer:
             task_aware_matrix=self.task_aware_matrix.copy(),
             metrics=metrics,
             per_class=per_class,
+            val_matrix=self.val_matrix.copy(),
         )

@@ -865,6 +865,8 @@ class RunTracker:
             acc_matrix = np.asarray(result.acc_matrix, dtype=float)[seen, seen]
             _write_matrix(folder / "acc_matrix.csv", acc_matrix)
             _write_matrix(folder / "task_aware_matrix.csv", np.asarray(result.task_aware_matrix, dtype=float)[seen, seen])
+            if result.val_matrix is not None:
+                _write_matrix(folder / "val_matrix.csv", np.asarray(result.val_matrix, dtype=float)[seen, seen])
             plots.accuracy_heatmap(acc_matrix, folder / "acc_heatmap.png", title=f"accuracy after phase {t}")
             if len(result.per_class.get("head_weight_norm", ())) > 0:
                 # In phase 0 every class is new, so the shot groups say more than old/new.

@@ -15,6 +15,9 @@ from method.metrics import (
     new_matrix,
     shot_accuracies,
     shot_groups,
+    validation_accuracy,
+    validation_average_incremental_accuracy,
+    validation_class_weighted_accuracy,
 )
 
 
@@ -154,3 +157,52 @@ def test_accuracy_rows_class_without_test_images_is_nan():
     rows = accuracy_rows([0], [0], [0], [[0, 1]], t=0)
     assert rows.class_total.tolist() == [1, 0]
     assert rows.class_acc[0] == 100.0 and math.isnan(rows.class_acc[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation metrics: a seen task without held-out images is NaN and left out, not counted as 0
+
+
+def hand_val_matrix():
+    #          u=0   u=1   u=2
+    # t=0      75     -     -
+    # t=1      50   nan     -      task 1 has no held-out image
+    # t=2      75   nan   100
+    v = new_matrix(3)
+    v[0, 0] = 75.0
+    v[1, :2] = [50.0, np.nan]
+    v[2, :3] = [75.0, np.nan, 100.0]
+    return v
+
+
+def test_validation_accuracy_averages_the_tasks_that_have_held_out_images():
+    v = hand_val_matrix()
+    assert validation_accuracy(v, 0) == pytest.approx(75.0)
+    assert validation_accuracy(v, 1) == pytest.approx(50.0)  # task 1 left out: 50 / 1
+    assert validation_accuracy(v, 2) == pytest.approx(87.5)  # (75 + 100) / 2
+
+
+def test_validation_class_weighted_accuracy_weights_only_the_tasks_present():
+    v = hand_val_matrix()
+    classes = [[0, 1], [2, 3], [4]]
+    assert validation_class_weighted_accuracy(v, 1, classes) == pytest.approx(50.0)  # 50 * 2 / 2
+    # (75 * 2 + 100 * 1) / (2 + 1) = 250 / 3 = 83.33; task 1's two classes do not count
+    assert validation_class_weighted_accuracy(v, 2, classes) == pytest.approx(250.0 / 3)
+
+
+def test_validation_average_incremental_accuracy_is_the_mean_of_the_phases():
+    v = hand_val_matrix()
+    assert validation_average_incremental_accuracy(v, 1) == pytest.approx(62.5)  # (75 + 50) / 2
+    # (75 + 50 + 87.5) / 3 = 212.5 / 3 = 70.83
+    assert validation_average_incremental_accuracy(v, 2) == pytest.approx(212.5 / 3)
+
+
+def test_validation_metrics_are_nan_when_no_seen_task_has_held_out_images():
+    v = new_matrix(2)
+    v[0, 0] = np.nan
+    v[1, :2] = [np.nan, 40.0]
+    assert math.isnan(validation_accuracy(v, 0))
+    assert math.isnan(validation_class_weighted_accuracy(v, 0, [2, 2]))
+    assert math.isnan(validation_average_incremental_accuracy(v, 0))
+    # phase 0 has no value, so the running mean starts at phase 1: 40 / 1
+    assert validation_average_incremental_accuracy(v, 1) == pytest.approx(40.0)
