@@ -239,6 +239,7 @@ def sweep_cmd(
     """Search hyperparameters with Ray Tune + Optuna: one MLflow run per trial under a sweep run."""
     from rich.console import Console
 
+    from method.results import reported_beside
     from pipeline.sweep import SweepError, leaderboard_table, sweep_command
 
     def say(line: str) -> None:
@@ -257,7 +258,9 @@ def sweep_cmd(
     (console if console.is_terminal else Console(width=160, highlight=False)).print(leaderboard_table(outcome.trials, outcome.spec))
     best = outcome.best
     if best is not None:
-        say(f"best trial {best.trial_id}: final {metric} {best.last_value(metric):.4f} (MLflow run {best.mlflow_run_id})")
+        beside = reported_beside(metric)
+        reported = f", test {beside} {best.last_value(beside):.4f}" if beside else ""
+        say(f"best trial {best.trial_id}: final {metric} {best.last_value(metric):.4f}{reported} (MLflow run {best.mlflow_run_id})")
     say(f"results table: {outcome.table_path}")
     say(f"MLflow: {outcome.url}")
     say(f"sweep wall time: {outcome.wall_seconds:.0f} s")
@@ -293,9 +296,10 @@ def export_cmd(
     except ExportError as exc:
         error(str(exc))
         raise typer.Exit(EXIT_USAGE) from None
+    reported = f", test {outcome.reported_metric} {outcome.reported_value:.4f}" if outcome.reported_metric else ""
     console.print(
         f"trial {outcome.trial_id} (rank {outcome.rank} of {outcome.finished}, final {outcome.metric} "
-        f"{outcome.value:.4f}) -> {outcome.path}",
+        f"{outcome.value:.4f}{reported}) -> {outcome.path}",
         markup=False,
     )
     console.print(f"run it with: imbcil run {outcome.path}", markup=False)

@@ -4,7 +4,10 @@ The written file is a plain run config, every field explicit, that `imbcil run` 
 `imbcil reproduce` accept unchanged; a header comment says where it came from. A sweep is found
 by its results folder (`<storage>/<name>`, read without Ray or MLflow) or by its MLflow
 experiment name (its trial runs and their `config.yaml` artifacts). Only trials that finished
-every phase compete: a trial stopped early was judged on fewer phases.
+every phase compete: a trial stopped early was judged on fewer phases. Trials are ranked by the
+sweep's own metric, held-out validation by default; the header names it, with the chosen
+trial's validation and test values, and `imbcil reproduce` reads that line back
+(`read_selection`) to say in its report how the config was chosen.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from method.config import RunConfig
-from method.results import METRIC_NAMES
+from method.results import METRIC_NAMES, TEST_METRICS, VALIDATION_METRICS, paired_metric
 from pipeline.config import ConfigError, load_config, save_config
 from pipeline.sweep_config import (
     FINISHED,
@@ -40,12 +43,57 @@ class ExportError(RuntimeError):
     """No sweep, or no finished trial, where the user pointed; the message is one line."""
 
 
+# The header line that records how an exported config was chosen.
+SELECTION_PREFIX = "selected by: "
+
+
 @dataclass
 class Candidate:
     trial_id: str
     value: float
     mlflow_run_id: Optional[str]
     load_config: Callable[[], RunConfig]  # called only for the chosen trial
+    finals: dict[str, float]  # every metric's last-phase value, for the header
+
+
+@dataclass
+class Selection:
+    """How an exported config was chosen, as its header records it."""
+
+    sweep: str
+    trial_id: str
+    metric: str
+    value: float
+
+    @property
+    def split(self) -> str:
+        if self.metric in VALIDATION_METRICS:
+            return "validation"
+        return "test" if self.metric in TEST_METRICS else "training"
+
+    def line(self) -> str:
+        return f"{SELECTION_PREFIX}{self.metric} = {self.value:.6g} ({self.split} data), sweep {self.sweep}, trial {self.trial_id}"
+
+
+def read_selection(path: str | Path) -> Optional[Selection]:
+    """The selection an `imbcil export` header records, or None for a config written otherwise."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("# ").strip()
+        if not text.startswith(SELECTION_PREFIX):
+            continue
+        try:
+            head, sweep_part, trial_part = text[len(SELECTION_PREFIX) :].split(";")[0].split(", ")
+            metric, value = head.split(" (")[0].split(" = ")
+            return Selection(sweep_part.removeprefix("sweep "), trial_part.removeprefix("trial "), metric, float(value))
+        except ValueError:
+            return None
+    return None
 
 
 @dataclass
@@ -60,6 +108,8 @@ class ExportOutcome:
     rank: int
     finished: int
     config: RunConfig
+    reported_metric: Optional[str] = None  # the test metric paired with a validation `metric`
+    reported_value: float = math.nan
 
 
 def export_command(
@@ -98,15 +148,38 @@ def export_command(
     cfg = chosen.load_config()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     run_note = f", MLflow run {chosen.mlflow_run_id}" if chosen.mlflow_run_id else ""
-    header = (
-        f"Exported by imbcil export on {stamp}\n"
-        f"sweep: {name} ({source})\n"
-        f"trial: {chosen.trial_id}{run_note}, rank {rank} of {len(ordered)} finished trials\n"
-        f"final {metric} = {chosen.value:.6g} ({mode} is best)\n"
-        f"Run it with: imbcil run {output}"
-    )
-    path = save_config(cfg, output, header=header)
-    return ExportOutcome(path, name, chosen.trial_id, chosen.mlflow_run_id, metric, mode, chosen.value, rank, len(ordered), cfg)
+    selection = Selection(name, chosen.trial_id, metric, chosen.value)
+    header = [
+        f"Exported by imbcil export on {stamp}",
+        f"sweep: {name} ({source})",
+        f"trial: {chosen.trial_id}{run_note}, rank {rank} of {len(ordered)} finished trials",
+        f"{selection.line()}; {mode} is best",
+        _finals_line(metric, chosen.finals),
+        f"Run it with: imbcil run {output}",
+    ]
+    path = save_config(cfg, output, header="\n".join(header))
+    other = paired_metric(metric)
+    reported = other if other in TEST_METRICS else None
+    return ExportOutcome(
+        path, name, chosen.trial_id, chosen.mlflow_run_id, metric, mode, chosen.value, rank, len(ordered), cfg,
+        reported_metric=reported, reported_value=chosen.finals.get(reported, math.nan) if reported else math.nan,
+    )  # fmt: skip
+
+
+def _finals_line(metric: str, finals: dict[str, float]) -> str:
+    """The chosen trial's final values on both splits: what it was chosen by, and what it scored."""
+    names = (metric, paired_metric(metric))
+    validation = next((n for n in names if n in VALIDATION_METRICS), None)
+    test = next((n for n in names if n in TEST_METRICS), None)
+    parts = []
+    for label, name in (("validation", validation), ("test", test)):
+        if name is not None:
+            parts.append(f"{label} {name} = {_value(finals.get(name))}")
+    return "final " + ", ".join(parts) if parts else f"final {metric} = {_value(finals.get(metric))}"
+
+
+def _value(value: Optional[float]) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.6g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,19 +206,25 @@ def _candidates_from_folder(folder: Path, metric: str) -> list[Candidate]:
             f"finish it with imbcil sweep ... --resume"
         )
     table = pq.read_table(table_path, columns=["trial_id", "mlflow_run_id", "phase", "metric", "value", "status"])
-    final: dict[str, tuple[int, float, Optional[str]]] = {}
+    # trial -> metric -> (phase, value): each metric's value at the last phase that has it
+    finals: dict[str, dict[str, tuple[int, float]]] = {}
+    run_ids: dict[str, Optional[str]] = {}
     for row in table.to_pylist():
-        if row["status"] != FINISHED or row["metric"] != metric:
+        if row["status"] != FINISHED:
             continue
-        seen = final.get(row["trial_id"])
+        run_ids[row["trial_id"]] = row["mlflow_run_id"]
+        by_metric = finals.setdefault(row["trial_id"], {})
+        seen = by_metric.get(row["metric"])
         if seen is None or row["phase"] > seen[0]:
-            final[row["trial_id"]] = (row["phase"], row["value"], row["mlflow_run_id"])
+            by_metric[row["metric"]] = (row["phase"], row["value"])
     candidates = []
-    for trial_id, (_, value, run_id) in final.items():
+    for trial_id, by_metric in finals.items():
+        value = by_metric.get(metric, (0, None))[1]
         if value is None or not math.isfinite(value):
             continue
         config_path = folder / RESULTS_DIR / TRIAL_CONFIG_DIR / f"{trial_id}.yaml"
-        candidates.append(Candidate(trial_id, value, run_id, lambda p=config_path: _config_file(p)))
+        values = {name: v for name, (_, v) in by_metric.items() if v is not None}
+        candidates.append(Candidate(trial_id, value, run_ids[trial_id], lambda p=config_path: _config_file(p), values))
     return candidates
 
 
@@ -180,6 +259,7 @@ def _mlflow_sweep(name: str, uri: str):
         order_by=["attributes.start_time DESC"],
     )  # fmt: skip
     params = parents[0].data.params if parents else {}
+    # A sweep logged before validation metrics existed has no other metric than the test one.
     return client, experiment.experiment_id, params.get("tune.metric", "avg_incremental_acc"), params.get("tune.mode", "max")
 
 
@@ -205,7 +285,8 @@ def _candidates_from_mlflow(client, experiment_id: str, metric: str) -> list[Can
             if finished and math.isfinite(value):
                 run_id = run.info.run_id
                 trial_id = tags.get(TRIAL_ID_TAG, run_id)
-                candidates.append(Candidate(trial_id, value, run_id, lambda r=run_id: _logged_config(client, r)))
+                finals = dict(run.data.metrics)
+                candidates.append(Candidate(trial_id, value, run_id, lambda r=run_id: _logged_config(client, r), finals))
         token = page.token
         if not token:
             return candidates

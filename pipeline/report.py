@@ -88,7 +88,16 @@ def config_settings(config_name: str, cfg: RunConfig, path: Optional[str] = None
         "memory_per_class": cfg.memory.per_class,
         "memory_total": cfg.memory.total,
         "memory_selection": cfg.memory.selection,
+        # How `imbcil export` chose this config, when it did (its header says so).
+        "selection": _selection(path),
     }
+
+
+def _selection(path: Optional[str]) -> Optional[dict[str, Any]]:
+    from pipeline.export import read_selection
+
+    found = read_selection(path) if path else None
+    return None if found is None else {"sweep": found.sweep, "trial_id": found.trial_id, "metric": found.metric, "value": found.value, "split": found.split}
 
 
 def build_metadata(
@@ -388,6 +397,8 @@ def render_report(table: pa.Table, meta: Mapping[str, Any]) -> str:
         ],
     )
 
+    lines += ["", *_selection_lines(meta["configs"])]
+
     lines += ["", "## Mean ± std over seeds", ""]
     if summaries:
         lines.append("Final-phase values; std is the sample standard deviation over seeds (0 with one seed).")
@@ -431,6 +442,22 @@ def render_report(table: pa.Table, meta: Mapping[str, Any]) -> str:
         lines += ["", "## Failed runs", ""]
         lines += _table(("config", "seed", "error"), [(f["config_name"], f["seed"], f["error"]) for f in meta["failed"]])
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """How each config was chosen: every accuracy in this report is on the test set."""
+    bullets = []
+    for c in configs:
+        sel = c.get("selection")
+        if not sel:
+            continue
+        where = "held-out validation data" if sel["split"] == "validation" else f"{sel['split']} data"
+        warning = " (selected on the test set: these test numbers are biased upwards by the search)" if sel["split"] == "test" else ""
+        bullets.append(
+            f"- {c['config_name']}: chosen by `imbcil export` from sweep {sel['sweep']} (trial {sel['trial_id']}) "
+            f"on {sel['metric']}, {where}, final {sel['value']:.2f}{warning}."
+        )
+    return ["Every accuracy below is measured on the test set, as in the paper.", *([""] + bullets if bullets else [])]
 
 
 def _listing(items: Sequence[str]) -> str:

@@ -3,7 +3,8 @@
 The driver (this process) validates the sweep file, opens the sweep's parent MLflow run, starts
 Ray here (or joins a cluster) and runs a `ray.tune.Tuner`: Optuna's TPE sampler proposes points
 of the space, a ConcurrencyLimiter caps the trials in flight, and ASHA (or the median rule)
-stops weak trials at phase boundaries. Each trial (`run_trial`, in a Ray worker) trains through
+stops weak trials at phase boundaries (`pipeline.sweep_search`, which also makes a resumed
+sweep decide as an uninterrupted one). Each trial (`run_trial`, in a Ray worker) trains through
 `pipeline.run.train_tracked` into a child MLflow run and reports to Tune after every phase, with
 a checkpoint that names its MLflow run: a trial restarted by Ray, or a whole sweep resumed with
 --resume, reopens that run and continues after its last logged phase.
@@ -39,11 +40,10 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
-from ray.tune.search.optuna import OptunaSearch
 
 from method.config import RunConfig
 from method.data import DataError, RawData, build_benchmark, load_raw, resolve_source
-from method.results import METRIC_NAMES, PhaseResult
+from method.results import METRIC_NAMES, PhaseResult, reported_beside
 from method.trainer import NonFiniteLossError
 from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, config_to_dict, save_config
@@ -73,8 +73,10 @@ from pipeline.sweep_config import (
     differing_key,
     load_sweep,
     spec_from_resolved,
+    test_selection_warning,
     trial_config,
 )
+from pipeline.sweep_search import REPORTED_AT, make_scheduler, make_searcher
 from pipeline.tracking import (
     PARENT_RUN_TAG,
     RunTracker,
@@ -285,7 +287,7 @@ class _PhaseReporter:
         metrics.setdefault(self.metric, math.nan)
         metrics.update(
             phase=phase, phases_done=phase + 1, num_phases=self.num_phases,
-            mlflow_run_id=self.tracker.run_id, diverged=False,
+            mlflow_run_id=self.tracker.run_id, diverged=False, **{REPORTED_AT: time.time()},
         )  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="imbcil-trial-") as folder:
             torch.save(state, Path(folder) / CHECKPOINT_STATE)
@@ -308,41 +310,6 @@ class _PhaseReporter:
             "phases_done": self.phases_done, "num_phases": self.num_phases,
             "mlflow_run_id": self.tracker.run_id, "done": True,
         })  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# The searcher
-
-
-class PhaseAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna how a trial really ended.
-
-    Ray's OptunaSearch completes every trial with its last reported value. A trial stopped
-    after phase 2 of 10 would then count as complete with its phase-2 accuracy, which is higher
-    than any finished trial's final one (accuracy falls as classes arrive), and TPE would chase
-    the trials ASHA just rejected. Here a stopped trial is PRUNED (TPE ranks it below complete
-    trials, by how far it got) and a diverged one PRUNED at a NaN step (the worst rank there).
-    """
-
-    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        if error or not result or trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return super().on_trial_complete(trial_id, result, error)
-        diverged = bool(result.get("diverged"))
-        stopped = result.get("phases_done", 0) < result.get("num_phases", 0)
-        if not (diverged or stopped):
-            return super().on_trial_complete(trial_id, result, error)
-        ot_trial = self._ot_trials[trial_id]
-        step = int(result.get("training_iteration", 0))
-        value = math.nan if diverged else float(result.get(self.metric, math.nan))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # optuna warns when the step is already reported
-                # The stopping result never reached on_trial_result: Tune skips it on STOP.
-                ot_trial.report(value, step)
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-        except Exception as exc:
-            logger.warning("optuna could not record trial %s: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
 
 
 def _trial_dirname(trial: Trial) -> str:
@@ -644,6 +611,9 @@ def leaderboard_rows(trials: list[TrialSummary], spec: SweepSpec) -> list[dict[s
         for phase in range(spec.max_phases):
             row[f"{metric}@{phase}"] = trial.metrics_by_phase.get(phase, {}).get(metric, math.nan)
         row["final"] = trial.last_value(metric) if trial.status == FINISHED else math.nan
+        beside = reported_beside(metric)
+        if beside:
+            row[f"final {beside}"] = trial.last_value(beside) if trial.status == FINISHED else math.nan
         row["mlflow_run_id"] = trial.mlflow_run_id
         row["error"] = trial.error
         rows.append(row)
@@ -653,25 +623,30 @@ def leaderboard_rows(trials: list[TrialSummary], spec: SweepSpec) -> list[dict[s
 def leaderboard_table(trials: list[TrialSummary], spec: SweepSpec, limit: int = LEADERBOARD_ROWS):
     """A rich table of the top trials: the metric after each phase, then the sampled values.
 
-    The sampled values share one wrapping column, so that eight searched keys still fit a
-    terminal.
+    Ranked by the sweep's metric; a validation metric has its test counterpart beside it, which
+    is reported, not selected on. The sampled values share one wrapping column, so that eight
+    searched keys still fit a terminal.
     """
     from rich.table import Table
 
     metric = spec.tune.metric
+    beside = reported_beside(metric)
     names = _short_names(list(spec.space))
     table = Table(title=f"sweep {spec.name}: {metric} per phase ({spec.tune.mode} is best)")
     table.add_column("#", justify="right")
     table.add_column("trial", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("final", justify="right", no_wrap=True)
+    if beside:
+        table.add_column(f"final {beside}", justify="right", no_wrap=True)
     table.add_column(f"{metric} by phase", no_wrap=True)
     table.add_column("sampled values", ratio=1)
     for rank, trial in enumerate(trials[:limit], start=1):
         per_phase = " ".join(_short(v, 2) for v in trial.values(metric)) or "-"
         final = _short(trial.last_value(metric), 2) if trial.status == FINISHED else "-"
         values = "  ".join(f"{names[k]}={_short(trial.params.get(k))}" for k in spec.space)
-        table.add_row(str(rank), trial.trial_id, trial.status, final, per_phase, values)
+        reported = [_short(trial.last_value(beside), 2) if trial.status == FINISHED else "-"] if beside else []
+        table.add_row(str(rank), trial.trial_id, trial.status, final, *reported, per_phase, values)
     if len(trials) > limit:
         table.caption = f"{len(trials) - limit} more trials in the results table"
     return table
@@ -679,13 +654,16 @@ def leaderboard_table(trials: list[TrialSummary], spec: SweepSpec, limit: int = 
 
 def leaderboard_markdown(trials: list[TrialSummary], spec: SweepSpec) -> str:
     metric = spec.tune.metric
+    beside = reported_beside(metric)
     names = _short_names(list(spec.space))
-    header = ["#", "trial", "status", *names.values(), f"{metric} by phase", "final"]
+    header = ["#", "trial", "status", *names.values(), f"{metric} by phase", "final", *([f"final {beside}"] if beside else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rank, trial in enumerate(trials, start=1):
         per_phase = " ".join(_short(v, 2) for v in trial.values(metric)) or "-"
         final = _short(trial.last_value(metric), 2) if trial.status == FINISHED else "-"
         cells = [str(rank), trial.trial_id, trial.status, *(_short(trial.params.get(k)) for k in names), per_phase, final]
+        if beside:
+            cells.append(_short(trial.last_value(beside), 2) if trial.status == FINISHED else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -804,6 +782,9 @@ def sweep_command(
     """Everything `imbcil sweep` does. Each check that can fail runs before Ray starts."""
     started = time.monotonic()
     spec = load_sweep(sweep_file, overrides)
+    warning = test_selection_warning(spec)
+    if warning:
+        say(warning)
     apply_cli_options(spec.base, data_root)
     if spec.base.data.root:
         # Trials run in their own working directories (Ray changes into the trial folder).
@@ -1003,19 +984,14 @@ def _tune_settings() -> Iterator[None]:
 
 
 def _new_tuner(spec: SweepSpec, trainable, storage_dir: Path, experiment_dir: Path) -> tune.Tuner:
-    from ray.tune.search import ConcurrencyLimiter
-
     t = spec.tune
-    searcher = PhaseAwareOptunaSearch(
-        space=spec.optuna_space(), metric=t.metric, mode=t.mode,
-        sampler=optuna.samplers.TPESampler(seed=t.searcher_seed),
-    )  # fmt: skip
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=t.max_concurrent),
-            scheduler=_scheduler(spec), trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
+            search_alg=make_searcher(spec.optuna_space(), t.metric, t.mode, t.searcher_seed, t.max_concurrent),
+            scheduler=make_scheduler(t.scheduler, spec.max_phases, t.grace_period, t.reduction_factor),
+            trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
             # A worker process runs one trial after another: no new interpreter, imports or data.
             reuse_actors=True,
         ),  # fmt: skip
@@ -1029,25 +1005,6 @@ def _new_tuner(spec: SweepSpec, trainable, storage_dir: Path, experiment_dir: Pa
             verbose=0,
         ),
     )
-
-
-def _scheduler(spec: SweepSpec):
-    """The early-stopping rule; its clock is `phases_done`, the number of completed phases.
-
-    A count rather than the 0-based phase index, so that grace_period: 2 means "at least two
-    phases before a trial can be stopped".
-    """
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
-
-    t = spec.tune
-    if t.scheduler == "asha":
-        return ASHAScheduler(
-            time_attr="phases_done", max_t=spec.max_phases, grace_period=t.grace_period, reduction_factor=t.reduction_factor
-        )
-    if t.scheduler == "median":
-        # No pausing to let pending trials run: a paused trial reloads its data and checkpoint.
-        return MedianStoppingRule(time_attr="phases_done", grace_period=t.grace_period, min_time_slice=10**9)
-    return FIFOScheduler()
 
 
 def _start_ray(address: Optional[str]) -> bool:

@@ -126,3 +126,56 @@ def unfinished_sweep(tmp_path, sweep_kit):
     })  # fmt: skip
     pq.write_table(table, folder / "imbcil" / "trials.parquet")
     return folder
+
+
+def recorded_sweep(tmp_path, sweep_kit, finals: dict[str, dict[str, float]], metric: str = "val_avg_incremental_acc"):
+    """A sweep folder with recorded results: every trial finished, `finals` its last-phase values."""
+    from pipeline.config import save_config
+
+    folder = tmp_path / "recorded"
+    (folder / "imbcil" / "trial_configs").mkdir(parents=True)
+    spec = load_sweep(sweep_kit.write_sweep(tmp_path / "spec-source.yaml", tune={**sweep_kit.tune, "metric": metric, "mode": "max"}))
+    (folder / "imbcil" / "sweep.yaml").write_text(yaml.safe_dump(spec.to_dict()))
+    rows = []
+    for number, (trial_id, values) in enumerate(finals.items()):
+        save_config(spec.trial_config({"train.lr": 0.05, "learner.dgr.lambda_b": 0.5 + number, "memory.per_class": 10}),
+                    folder / "imbcil" / "trial_configs" / f"{trial_id}.yaml")  # fmt: skip
+        for phase in range(sweep_kit.phases):
+            for name, value in values.items():
+                # Earlier phases score higher (accuracy falls as classes arrive): only the last counts.
+                rows.append((trial_id, f"run-{trial_id}", phase, name, value + 10 * (sweep_kit.phases - 1 - phase), "finished"))
+    columns = list(zip(*rows))
+    table = pa.table({
+        "trial_id": list(columns[0]), "mlflow_run_id": list(columns[1]), "phase": pa.array(columns[2], pa.int32()),
+        "metric": list(columns[3]), "value": list(columns[4]), "status": list(columns[5]),
+    })  # fmt: skip
+    pq.write_table(table, folder / "imbcil" / "trials.parquet")
+    return folder
+
+
+def test_export_ranks_by_validation_where_the_best_test_value_is_another_trials(tmp_path, sweep_kit):
+    from pipeline.export import read_selection
+
+    finals = {
+        "a": {"val_avg_incremental_acc": 40.0, "avg_incremental_acc": 30.0},
+        "b": {"val_avg_incremental_acc": 35.0, "avg_incremental_acc": 38.0},  # the best on test
+        "c": {"val_avg_incremental_acc": 20.0, "avg_incremental_acc": 25.0},
+    }
+    folder = recorded_sweep(tmp_path, sweep_kit, finals)
+    out = tmp_path / "best.yaml"
+    code, output = invoke(folder, "-o", out)
+    assert code == 0, output
+    assert "trial a (rank 1 of 3, final val_avg_incremental_acc 40.0000, test avg_incremental_acc 30.0000)" in " ".join(output.split())
+    assert load_config(out) == load_config(folder / "imbcil" / "trial_configs" / "a.yaml")
+    lines = header(out)
+    assert "# selected by: val_avg_incremental_acc = 40 (validation data), sweep tiny, trial a; max is best" in lines
+    assert "# final validation val_avg_incremental_acc = 40, test avg_incremental_acc = 30" in lines
+    selection = read_selection(out)
+    assert (selection.sweep, selection.trial_id, selection.metric, selection.value, selection.split) == (
+        "tiny", "a", "val_avg_incremental_acc", 40.0, "validation"
+    )
+    # Asked to rank by the test metric, export picks b (and says the selection is on test data).
+    code, output = invoke(folder, "--metric", "avg_incremental_acc", "-o", tmp_path / "test.yaml")
+    assert code == 0 and "trial b" in output
+    assert read_selection(tmp_path / "test.yaml").split == "test"
+    assert read_selection(tmp_path / "spec-source.yaml") is None  # not an exported config

@@ -302,3 +302,30 @@ def test_one_seed_has_zero_std():
     mean, std = report.mean_std([1.0, 2.0, 4.0])
     assert mean == pytest.approx(7 / 3) and std == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]))
     assert all(math.isnan(v) for v in report.mean_std([]))
+
+
+def test_a_config_from_an_export_reports_its_selection_metric(tmp_path):
+    from pipeline.config import save_config
+    from pipeline.export import Selection
+
+    cfg = c100_config("dgr", "dgr")
+    exported = tmp_path / "best.yaml"
+    header = "Exported by imbcil export\n" + Selection("c100-sweep", "t7", "val_avg_incremental_acc", 41.25).line() + "; max is best"
+    save_config(cfg, exported, header=header)
+    plain = tmp_path / "replay.yaml"
+    save_config(c100_config("replay", "replay"), plain)
+    configs = [("dgr", cfg, str(exported)), ("replay", c100_config("replay", "replay"), str(plain))]
+    meta = report.build_metadata("c100", configs, [0])
+    assert meta["configs"][0]["selection"]["metric"] == "val_avg_incremental_acc" and meta["configs"][1]["selection"] is None
+    text = report.render_report(report.build_table(hand_results({"dgr": {0: 36.0}, "replay": {0: 30.0}}), meta), meta)
+    assert "Every accuracy below is measured on the test set, as in the paper." in text
+    assert (
+        "- dgr: chosen by `imbcil export` from sweep c100-sweep (trial t7) on val_avg_incremental_acc, "
+        "held-out validation data, final 41.25." in text
+    )
+    assert "- replay:" not in text and "biased upwards" not in text
+    # A config selected on the test set says what that does to the numbers.
+    save_config(cfg, exported, header=Selection("s", "t1", "avg_incremental_acc", 40.0).line())
+    meta = report.build_metadata("c100", [("dgr", cfg, str(exported))], [0])
+    text = report.render_report(report.build_table(hand_results({"dgr": {0: 36.0}}), meta), meta)
+    assert "on avg_incremental_acc, test data, final 40.00 (selected on the test set" in text

@@ -58,7 +58,7 @@ def test_tiny_spec_resolves_base_space_and_tune(sweep_kit):
 def test_defaults_and_resolved_round_trip(sweep_kit):
     s = sweep_from_dict({"base": sweep_kit.base, "space": {"train.lr": {"loguniform": [0.01, 0.5]}}}, default_name="from-file")
     assert s.name == "from-file"
-    assert (s.tune.metric, s.tune.mode, s.tune.scheduler) == ("avg_incremental_acc", "max", "asha")
+    assert (s.tune.metric, s.tune.mode, s.tune.scheduler) == ("val_avg_incremental_acc", "max", "asha")
     again = spec_from_resolved(yaml.safe_load(yaml.safe_dump(s.to_dict())))
     assert again.to_dict() == s.to_dict() and differing_key(again, s) is None
     moved = spec_from_resolved(s.to_dict())
@@ -187,25 +187,6 @@ def test_cli_refuses_searched_overrides_missing_files_data_and_resumes(tmp_path,
 # Driver pieces that need no Ray cluster
 
 
-def test_the_searcher_prunes_stopped_and_diverged_trials_instead_of_completing_them(sweep_kit):
-    from pipeline.sweep import PhaseAwareOptunaSearch
-
-    searcher = PhaseAwareOptunaSearch(
-        space=spec(sweep_kit).optuna_space(), metric="loss", mode="min", sampler=optuna.samplers.TPESampler(seed=0)
-    )
-    for trial_id in ("done", "stopped", "diverged"):
-        assert searcher.suggest(trial_id)["train.lr"] in (sweep_kit.good_lr, sweep_kit.bad_lr, sweep_kit.diverging_lr)
-        searcher.on_trial_result(trial_id, {"loss": 2.0, "training_iteration": 1})
-    searcher.on_trial_complete("done", {"loss": 1.5, "phases_done": 3, "num_phases": 3, "training_iteration": 3})
-    # Tune never shows the stopping result to on_trial_result; the searcher records it itself.
-    searcher.on_trial_complete("stopped", {"loss": 9.0, "phases_done": 2, "num_phases": 3, "training_iteration": 2})
-    searcher.on_trial_complete("diverged", {"loss": math.nan, "diverged": True, "phases_done": 1, "num_phases": 3, "training_iteration": 2})
-    done, stopped, diverged = searcher._ot_study.get_trials(deepcopy=False)
-    assert (done.state, done.value) == (optuna.trial.TrialState.COMPLETE, 1.5)
-    assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.intermediate_values == {1: 2.0, 2: 9.0}
-    assert diverged.state == optuna.trial.TrialState.PRUNED and math.isnan(diverged.intermediate_values[2])
-
-
 def test_trials_rank_finished_first_by_their_final_value():
     from pipeline.sweep import TrialSummary, rank_trials
 
@@ -218,6 +199,46 @@ def test_trials_rank_finished_first_by_their_final_value():
     ]  # fmt: skip
     assert [t.trial_id for t in rank_trials(trials, "acc", "max")] == ["c", "a", "f", "b", "d", "e"]
     assert [t.trial_id for t in rank_trials(trials, "acc", "min")][:3] == ["a", "c", "f"]
+
+
+def test_a_sweep_that_selects_on_test_data_is_named_so(sweep_kit):
+    from pipeline.sweep_config import test_selection_warning
+
+    assert test_selection_warning(spec(sweep_kit, tune={**sweep_kit.tune, "metric": "val_avg_incremental_acc"})) is None
+    assert test_selection_warning(spec(sweep_kit)) is None  # loss: training data, not the test set
+    line = test_selection_warning(spec(sweep_kit, tune={**sweep_kit.tune, "metric": "avg_incremental_acc"}))
+    assert line == (
+        "warning: tune.metric avg_incremental_acc is measured on the test set, so this sweep selects on test data; "
+        "val_avg_incremental_acc is its validation counterpart"
+    )
+
+
+def test_the_cli_prints_the_test_selection_line_first(tmp_path, sweep_kit, monkeypatch):
+    monkeypatch.delenv("IMBCIL_DATA", raising=False)
+    path = sweep_kit.write_sweep(tmp_path / "tiny.yaml", tune={**sweep_kit.tune, "metric": "acc", "mode": "max"})
+    result = CliRunner().invoke(app, ["sweep", str(path), "--storage", str(tmp_path / "store")], catch_exceptions=False)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 2, result.output  # the warning, then the data-root error
+    assert lines[0].startswith("warning: tune.metric acc is measured on the test set, so this sweep selects on test data")
+    assert lines[1].startswith("error: no data root")
+
+
+def test_the_leaderboard_ranks_by_validation_and_shows_the_test_metric_beside(sweep_kit):
+    from pipeline.sweep import TrialSummary, leaderboard_markdown, leaderboard_rows, rank_trials
+
+    s = spec(sweep_kit, tune={**sweep_kit.tune, "metric": "val_avg_incremental_acc", "mode": "max"})
+
+    def trial(trial_id, val, test):
+        phases = {p: {"val_avg_incremental_acc": val + 10 - 5 * p, "avg_incremental_acc": test + 10 - 5 * p} for p in range(3)}
+        return TrialSummary(trial_id, "finished", {"train.lr": 0.05}, 3, phases)
+
+    trials = rank_trials([trial("a", 30.0, 40.0), trial("b", 35.0, 20.0)], s.tune.metric, s.tune.mode)
+    assert [t.trial_id for t in trials] == ["b", "a"]  # b is better on validation, a on test
+    rows = leaderboard_rows(trials, s)
+    assert (rows[0]["final"], rows[0]["final avg_incremental_acc"]) == (35.0, 20.0)
+    lines = leaderboard_markdown(trials, s).splitlines()
+    assert lines[0].endswith("| val_avg_incremental_acc by phase | final | final avg_incremental_acc |")
+    assert lines[2].startswith("| 1 | b |") and lines[2].endswith("| 45.00 40.00 35.00 | 35.00 | 20.00 |")
 
 
 def test_relative_stores_become_absolute_for_trials_that_run_elsewhere(tmp_path, monkeypatch):
