@@ -73,17 +73,19 @@ class ProgressDisplay:
         elif kind == "phase_end":
             m = event["metrics"]
             print(f"{prefix}  acc {m['acc']:.2f}%  avg incremental {m['avg_incremental_acc']:.2f}%  "
+                  f"val avg incremental {_fmt(m.get('val_avg_incremental_acc'))}%  "
                   f"({m['train_images_per_s']:.0f} img/s, {m['phase_seconds']:.1f} s)", flush=True)
 
 
 def phase_table(rows: Sequence[dict[str, float]], title: str = "") -> Table:
     """Per-phase accuracy table; `rows` are PhaseResult.metrics dicts in phase order."""
     table = Table(title=title or None)
-    for column in ("phase", "acc %", "avg inc %", "forgetting", "many", "medium", "few", "img/s", "s"):
+    for column in ("phase", "acc %", "avg inc %", "val avg inc %", "forgetting", "many", "medium", "few", "img/s", "s"):
         table.add_column(column, justify="right")
     for phase, m in enumerate(rows):
         table.add_row(
-            str(phase), _fmt(m.get("acc")), _fmt(m.get("avg_incremental_acc")), _fmt(m.get("forgetting")),
+            str(phase), _fmt(m.get("acc")), _fmt(m.get("avg_incremental_acc")), _fmt(m.get("val_avg_incremental_acc")),
+            _fmt(m.get("forgetting")),
             _fmt(m.get("acc_many")), _fmt(m.get("acc_medium")), _fmt(m.get("acc_few")),
             _fmt(m.get("train_images_per_s"), 0), _fmt(m.get("phase_seconds"), 1),
         )

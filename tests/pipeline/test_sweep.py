@@ -6,10 +6,12 @@ import json
 import math
 import re
 import os
+import pickle
 import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pyarrow.parquet as pq
@@ -445,8 +447,9 @@ def test_a_killed_sweep_resumes_without_rerunning_or_duplicating_trials(tmp_path
     assert len({r.data.tags["imbcil.trial_id"] for r in trials}) == 3
     for run in trials:
         assert run.info.status == "FINISHED" and run.data.tags["imbcil.last_phase"] == str(phases - 1)
-        steps = {m.step for m in client.get_metric_history(run.info.run_id, "avg_incremental_acc")}
-        assert steps == set(range(phases))
+        for name in ("avg_incremental_acc", "val_avg_incremental_acc"):  # each phase once, on both splits
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+            assert steps == list(range(phases)), (name, steps)
     # The trial that had finished before the kill was not trained again.
     history = client.get_metric_history(done_first.info.run_id, "avg_incremental_acc")
     assert len(history) == phases and all(m.timestamp < killed_at for m in history)
@@ -454,3 +457,97 @@ def test_a_killed_sweep_resumes_without_rerunning_or_duplicating_trials(tmp_path
     assert {r["trial_id"] for r in table} == {r.data.tags["imbcil.trial_id"] for r in trials}
     assert {r["status"] for r in table} == {"finished"}
     assert "resuming sweep resumable" in resumed.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection on validation, and a resumed sweep that decides as the uninterrupted one
+
+
+ONE_AT_A_TIME = {
+    "name": "steady", "metric": "val_avg_incremental_acc", "mode": "max", "num_samples": 5, "max_concurrent": 1,
+    "searcher_seed": 7, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+    "resources_per_trial": {"cpu": 1}, "max_failures": 1,
+}  # fmt: skip
+STEADY_SPACE = {"train.lr": {"loguniform": [0.005, 0.5]}, "learner.dgr.lambda_b": {"uniform": [0.1, 2.0]}}
+
+
+def sweep_args(kit, folder: Path, data_root):
+    sweep_file = kit.write_sweep(folder / "steady.yaml", space=STEADY_SPACE, tune=ONE_AT_A_TIME)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    return uri, ["sweep", sweep_file, "--data-root", data_root, "--storage", folder / "ray_results", "--tracking-uri", uri]
+
+
+def decisions(uri: str) -> list[tuple[dict, int, bool]]:
+    """Each trial in the order it started: its sampled values, last phase and whether ASHA stopped it."""
+    client = MlflowClient(uri)
+    _, _, trials = trial_runs(client, "steady")
+    return [
+        (json.loads(r.data.tags["imbcil.params"]), int(r.data.tags.get("imbcil.last_phase", -1)), r.data.tags.get("imbcil.stopped_early") == "true")
+        for r in sorted(trials, key=lambda r: r.info.start_time)
+    ]
+
+
+@pytest.fixture(scope="module")
+def steady_sweep(tmp_path_factory, data_root, sweep_kit):
+    """The one-trial-at-a-time sweep, run without interruption."""
+    folder = tmp_path_factory.mktemp("steady")
+    uri, args = sweep_args(sweep_kit, folder, data_root)
+    done = subprocess.run(sweep_kit.cli_command(*args), cwd=folder, env=sweep_kit.cli_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return SimpleNamespace(folder=folder, uri=uri, experiment_dir=folder / "ray_results" / "steady", stdout=done.stdout)
+
+
+@pytest.mark.e2e
+def test_trials_report_the_validation_metric_each_phase_and_optuna_learns_it(steady_sweep, sweep_kit):
+    client = MlflowClient(steady_sweep.uri)
+    _, _, trials = trial_runs(client, "steady")
+    finals = {}
+    for run in trials:
+        trial_id = run.data.tags["imbcil.trial_id"]
+        reported = [json.loads(line) for line in (steady_sweep.experiment_dir / f"trial_{trial_id}" / "result.json").read_text().splitlines()]
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_avg_incremental_acc")}
+        assert [r["phase"] for r in reported] == sorted(logged) == list(range(int(run.data.tags["imbcil.last_phase"]) + 1))
+        assert all(math.isclose(r["val_avg_incremental_acc"], logged[r["phase"]]) for r in reported)
+        if run.data.tags.get("imbcil.stopped_early") != "true":
+            finals[json.dumps(json.loads(run.data.tags["imbcil.params"]), sort_keys=True)] = (
+                logged[sweep_kit.phases - 1], run.data.metrics["avg_incremental_acc"],
+            )  # fmt: skip
+    assert finals, "no trial finished"
+    # The searcher's own study (Tune's saved searcher state) holds the validation values.
+    (state_file,) = steady_sweep.experiment_dir.glob("searcher-state-*.pkl")
+    with open(state_file, "rb") as handle:
+        study = pickle.load(handle)["_ot_study"]
+    complete = {json.dumps(t.params, sort_keys=True): t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert complete.keys() == finals.keys()
+    for params, value in complete.items():
+        validation, test = finals[params]
+        assert value == pytest.approx(validation) and value != pytest.approx(test)
+    # The leaderboard ranks by validation and shows the test metric beside it.
+    assert "final avg_incremental_acc" in steady_sweep.stdout and "warning: tune.metric" not in steady_sweep.stdout
+
+
+@pytest.mark.e2e
+def test_a_sweep_killed_and_resumed_decides_as_the_uninterrupted_one(steady_sweep, tmp_path, data_root, sweep_kit):
+    expected = decisions(steady_sweep.uri)
+    assert any(stopped for _, _, stopped in expected), "the uninterrupted sweep should stop a trial for this test to mean anything"
+    uri, args = sweep_args(sweep_kit, tmp_path, data_root)
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        first = subprocess.Popen(
+            sweep_kit.cli_command(*args), cwd=tmp_path, env=sweep_kit.cli_env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:  # killed after four phase reports: the second trial has reported its first phase
+            wait_for(lambda: len(re.findall(r"phase \d+/\d+:", log_path.read_text())) >= 4, 600, first)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=60)
+    resumed = subprocess.run(sweep_kit.cli_command(*args, "--resume"), cwd=tmp_path, env=sweep_kit.cli_env(), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert decisions(uri) == expected
+    # Each phase of each trial once, the validation metric as the test metric.
+    client = MlflowClient(uri)
+    for run in trial_runs(client, "steady")[2]:
+        phases = int(run.data.tags["imbcil.last_phase"]) + 1
+        for name in ("avg_incremental_acc", "val_avg_incremental_acc", "val_acc"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(phases)), name
