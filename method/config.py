@@ -145,6 +145,19 @@ DATASET_FACTS = {
 }
 
 
+def protocol_name(cfg: RunConfig) -> str:
+    """"LFS-N" (N equal tasks in all) or "LFH-N" (a larger first task, then N tasks), method.md §1."""
+    num_classes = DATASET_FACTS[cfg.data.dataset]["num_classes"]
+    first = cfg.protocol.first_task_classes
+    tasks = cfg.protocol.incremental_tasks
+    rest = num_classes - first
+    # Equal tasks, or the reference's split of a class count that does not divide: the one
+    # left-over class goes to the first task (Food-101 LFS-10 is 11 + 9x10, LFS-20 6 + 19x5).
+    if rest in (first * tasks, (first - 1) * tasks):
+        return f"LFS-{tasks + 1}"
+    return f"LFH-{tasks}"
+
+
 def resolve_dataset_defaults(cfg: RunConfig) -> RunConfig:
     """Fill the fields left to the dataset's paper defaults; returns the same object."""
     facts = DATASET_FACTS[cfg.data.dataset]

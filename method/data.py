@@ -136,12 +136,14 @@ def resolve_source(data: DataConfig) -> str:
     return "filelist"
 
 
+def no_data_root(dataset: str) -> str:
+    """What to say when a config names no data root, wherever that is found out."""
+    return f"no data root for {dataset}: pass --data-root DIR or set IMBCIL_DATA (the offline CIFAR-10 lives in shared/data/{PARQUET_FILE})"
+
+
 def load_raw(data: DataConfig) -> RawData:
     if not data.root:
-        raise DataError(
-            f"no data root for {data.dataset}: pass --data-root DIR or set IMBCIL_DATA "
-            f"(the offline CIFAR-10 lives in shared/data/{PARQUET_FILE})"
-        )
+        raise DataError(no_data_root(data.dataset))
     root = Path(data.root).expanduser()
     source = resolve_source(data)
     if source == "parquet":

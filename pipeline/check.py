@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
+from pipeline.names import DEFAULT_STORAGE, PROBE_TAG
+from pipeline.runtime import error_line, scoped_env
+
 if TYPE_CHECKING:
     from method.config import DataConfig, RunConfig
 
@@ -38,7 +41,6 @@ OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 TRACKING, ARTIFACTS, RAY, STORAGE, DATASET = "tracking store", "artifacts", "ray cluster", "storage", "dataset"
 
 PREFLIGHT_EXPERIMENT = "imbcil-preflight"
-PROBE_TAG = "imbcil.preflight_probe"
 PROBE_FOLDER = ".imbcil-preflight"
 # The Ray child process as a whole; connecting takes a second or two, the first task on a node
 # a few more (a worker process starts, and the artifact probe imports MLflow).
@@ -289,11 +291,8 @@ def _check_local_artifacts(probe: _ArtifactProbe, results: list[CheckResult]) ->
 @contextlib.contextmanager
 def _quick_http() -> Iterator[None]:
     """A probe fails in seconds: no MLflow HTTP retries, a short wait per request."""
-    from pipeline.tracking import _mlflow_env
-
-    with _mlflow_env(
-        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="15", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"
-    ):
+    knobs = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    with scoped_env(knobs):
         yield
 
 
@@ -392,14 +391,10 @@ def _dataset_expectations(data: "DataConfig") -> dict[str, Any]:
     `alternatives`: lists of paths; the dataset is there when every path of one list exists.
     `missing`: what to say when none is complete (the wording of method.data's DataError).
     """
-    from method.data import CIFAR_FOLDERS, PARQUET_FILE
+    from method.data import CIFAR_FOLDERS, PARQUET_FILE, no_data_root
 
     if not data.root:
-        missing = (
-            f"no data root for {data.dataset}: pass --data-root DIR or set IMBCIL_DATA "
-            f"(the offline CIFAR-10 lives in shared/data/{PARQUET_FILE})"
-        )
-        return {"root": None, "alternatives": [], "missing": missing, "download": False}
+        return {"root": None, "alternatives": [], "missing": no_data_root(data.dataset), "download": False}
     root = Path(data.root).expanduser().absolute()
     source = data.source
     if source == "auto":
@@ -481,20 +476,13 @@ def _node_probe(
 def _node_artifact(tracking_uri: str, run_id: str, path: str, payload: str) -> Optional[str]:
     """Log one text artifact from this node; the caller reads it back where it runs."""
     knobs = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-    saved = {key: os.environ.get(key) for key in knobs}
-    os.environ.update(knobs)  # a pooled Ray worker: put them back afterwards
     try:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri).log_text(run_id, payload, path)
+        with scoped_env(knobs):  # a pooled Ray worker: put them back afterwards
+            MlflowClient(tracking_uri).log_text(run_id, payload, path)
     except Exception as exc:
         return f"could not write an artifact: {_reason(exc)}"
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return None
 
 
@@ -569,7 +557,7 @@ def _probe_cluster(request: Mapping[str, Any], timeout_s: float) -> dict[str, An
         elif timed_out:
             report["error"] = f"the node probes did not finish within {waited:.0f} s"
         else:
-            report["error"] = _last_error_line(errors) or f"the probe process exited with code {process.returncode}"
+            report["error"] = error_line(errors) or f"the probe process exited with code {process.returncode}"
     return report
 
 
@@ -592,15 +580,6 @@ def _tcp_refusal(address: str) -> Optional[str]:
 
 def _auth_refused(stderr: str) -> bool:
     return "InvalidAuthToken" in stderr or "Unauthenticated" in stderr or "AuthenticationError" in stderr
-
-
-def _last_error_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        head = line.split(":", 1)[0]
-        if head.endswith(("Error", "Exception")) and " " not in head:
-            return line[:300]
-    return lines[-1][:300] if lines else ""
 
 
 def _emit(**fields: Any) -> None:
@@ -808,7 +787,6 @@ def check_command(
             spec = load_sweep(path, overrides)
             cfg, resources = spec.base, spec.tune.resources_per_trial
             if storage is None:
-                from pipeline.sweep import DEFAULT_STORAGE
 
                 storage = DEFAULT_STORAGE
         else:

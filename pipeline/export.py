@@ -25,18 +25,21 @@ import yaml
 from method.config import RunConfig
 from method.results import METRIC_NAMES, TEST_METRICS, VALIDATION_METRICS, paired_metric
 from pipeline.config import ConfigError, load_config, save_config
-from pipeline.sweep_config import (
+from pipeline.names import (
     FINISHED,
     KIND_TAG,
-    MODES,
+    LAST_PHASE_TAG,
     RESULTS_DIR,
     SPEC_FILE,
     STOPPED_EARLY_TAG,
+    SWEEP_KIND,
     TABLE_FILE,
     TRIAL_CONFIG_DIR,
     TRIAL_ID_TAG,
+    TRIAL_KIND,
 )
-from pipeline.tracking import LAST_PHASE_TAG, redact_uri, resolve_tracking_uri
+from pipeline.sweep_config import MODES
+from pipeline.tracking import redact_uri, resolve_tracking_uri
 
 
 class ExportError(RuntimeError):
@@ -255,7 +258,7 @@ def _mlflow_sweep(name: str, uri: str):
     if experiment is None:
         raise ExportError(f"{name}: no such sweep folder, and no MLflow experiment of that name in {redact_uri(uri)}")
     parents = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'", max_results=1,
+        [experiment.experiment_id], filter_string=f"tags.`{KIND_TAG}` = '{SWEEP_KIND}'", max_results=1,
         order_by=["attributes.start_time DESC"],
     )  # fmt: skip
     params = parents[0].data.params if parents else {}
@@ -269,7 +272,7 @@ def _candidates_from_mlflow(client, experiment_id: str, metric: str) -> list[Can
     while True:
         page = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{KIND_TAG}` = 'trial' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.`{KIND_TAG}` = '{TRIAL_KIND}' and attributes.status = 'FINISHED'",
             max_results=1000,
             page_token=token,
         )

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from method.config import DATASET_FACTS, RunConfig
-from pipeline.tracking import protocol_name
+from method.config import DATASET_FACTS, RunConfig, protocol_name
 
 SCENARIO = "shuffled"
 # Column order of the poster's table: dataset, then protocol.
@@ -87,7 +86,7 @@ def paper_reference(dataset: str, scenario: str, protocol: Optional[str]) -> Opt
 def paper_protocol(cfg: RunConfig) -> Optional[str]:
     """The paper's name for the config's task split, or None when the paper never ran that split.
 
-    Same names as `tracking.protocol_name`, but stricter: LFH must start from half the classes
+    Same names as `method.config.protocol_name`, but stricter: LFH must start from half the classes
     (CIFAR-100 20 + 8x10 is "LFH-8" there, yet no paper setting), and LFS allows no other
     remainder than the one class Food-101's 101 classes leave (11 + 9x10 for LFS-10).
     """

@@ -18,15 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from method.config import DATASET_FACTS, RunConfig
+from method.config import DATASET_FACTS, RunConfig, protocol_name
 from pipeline import plots
 from pipeline.config import ConfigError
+from pipeline.names import REPORT_FILE, REPORT_PLOT_FILE, REPRODUCTION_TABLE_FILE
 from pipeline.paper import DATASET_LABELS, DATASETS, DGR, PROTOCOLS, paper_protocol, paper_reference
-from pipeline.tracking import protocol_name
 
-RESULTS_FILE = "results.parquet"
-REPORT_FILE = "report.md"
-PLOT_FILE = "acc_per_phase.png"
 META_KEY = b"imbcil.reproduction"
 META_FORMAT = 1
 
@@ -162,7 +159,7 @@ def build_table(results: Sequence[SeedResult], meta: Mapping[str, Any]) -> pa.Ta
 
 
 def write_table(table: pa.Table, results_dir: str | Path) -> Path:
-    path = Path(results_dir) / RESULTS_FILE
+    path = Path(results_dir) / REPRODUCTION_TABLE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
@@ -171,9 +168,9 @@ def write_table(table: pa.Table, results_dir: str | Path) -> Path:
 def read_table(results_dir: str | Path) -> tuple[pa.Table, dict[str, Any]]:
     """The results table and its metadata; a one-line error when it is not a reproduction's."""
     folder = Path(results_dir)
-    path = folder / RESULTS_FILE if folder.is_dir() or not folder.suffix else folder
+    path = folder / REPRODUCTION_TABLE_FILE if folder.is_dir() or not folder.suffix else folder
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no results table here (imbcil reproduce writes {RESULTS_FILE})")
+        raise FileNotFoundError(f"{path}: no results table here (imbcil reproduce writes {REPRODUCTION_TABLE_FILE})")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
@@ -433,7 +430,7 @@ def render_report(table: pa.Table, meta: Mapping[str, Any]) -> str:
             ("config", *(f"phase {p}" for p in range(phases))),
             [(s.config_name, *(_num(s.mean_curve[p]) if p < len(s.mean_curve) else "-" for p in range(phases))) for s in summaries],
         )
-        lines += ["", f"![accuracy per phase, one line per seed]({PLOT_FILE})"]
+        lines += ["", f"![accuracy per phase, one line per seed]({REPORT_PLOT_FILE})"]
 
     lines += ["", "## Compared with the paper", ""]
     lines += _paper_section(meta, summaries, configs, setting)
@@ -523,7 +520,7 @@ def write_report(results_dir: str | Path) -> Path:
     table, meta = read_table(folder)
     if folder.suffix == ".parquet":
         folder = folder.parent
-    render_plot(table, meta, folder / PLOT_FILE)
+    render_plot(table, meta, folder / REPORT_PLOT_FILE)
     path = folder / REPORT_FILE
     path.write_text(render_report(table, meta))
     return path

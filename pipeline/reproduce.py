@@ -9,7 +9,6 @@ get wrong (configs, data, tracking store, Ray address) is checked before the fir
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -19,21 +18,30 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from method.config import RunConfig, paper_budget
+from method.config import RunConfig, paper_budget, protocol_name
 from method.data import RawData, build_benchmark, load_raw
 from pipeline import report
 from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, dump_yaml, load_config, validate
+from pipeline.names import (
+    CONFIG_NAME_TAG,
+    KIND_TAG,
+    REPORT_FILE,
+    REPORT_PLOT_FILE,
+    REPRODUCTION_KIND,
+    REPRODUCTION_RUN_KIND,
+    REPRODUCTION_TABLE_FILE,
+)
 from pipeline.run import apply_cli_options, train_tracked
+from pipeline.runtime import absolute_store_uri, exception_line, start_local_ray
 from pipeline.tracking import (
     RunTracker,
     TrackingError,
-    protocol_name,
     redact_uri,
     resolve_tracking_uri,
     run_url,
@@ -41,16 +49,11 @@ from pipeline.tracking import (
 
 logger = logging.getLogger(__name__)
 
-KIND_TAG = "imbcil.kind"
-REPRODUCTION = "reproduction"
-REPRODUCTION_RUN = "reproduction-run"
-CONFIG_NAME_TAG = "imbcil.config_name"
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_OUTPUT = Path("reproduce_results")
 EXPERIMENT_PREFIX = "reproduce/"
 # Ray reads this when it is imported: off, a local head keeps every port on the loopback address
 # instead of resolving 127.0.0.1 to the machine's routable IP.
-_RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _INTEGER = re.compile(r"^\d+$")
 _METRIC_KEY_UNSAFE = re.compile(r"[^\w.\- /:]")
 _PATH_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -157,17 +160,6 @@ def _setting(cfg: RunConfig) -> str:
     return f"{cfg.data.dataset} {cfg.data.scenario} {protocol_name(cfg)}"
 
 
-def _absolute_sqlite(uri: str) -> str:
-    """A relative sqlite:/// path made absolute, so Ray workers in other directories find the store."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        rest = uri[len(prefix) :]
-        path, _, query = rest.partition("?")
-        if path and path != ":memory:":
-            return prefix + str(Path(path).absolute()) + (f"?{query}" if query else "")
-    return uri
-
-
 def make_plan(
     config_paths: Sequence[str],
     overrides: Sequence[str],
@@ -213,7 +205,7 @@ def make_plan(
         entries=entries,
         seeds=list(seeds),
         full_budget=full_budget,
-        tracking_uri=_absolute_sqlite(resolve_tracking_uri(tracking_uri)),
+        tracking_uri=absolute_store_uri(resolve_tracking_uri(tracking_uri)),
         address=address,
     )
     plan.command = _command_line(plan, overrides, data_root, device)
@@ -282,17 +274,11 @@ def run_seed(job: SeedJob, tracking_uri: str, experiment: str, parent_run_id: st
     """Train one config on one seed as a child run of the reproduction."""
     cfg = job.cfg
     benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=_raw_data(cfg))
-    tags = {KIND_TAG: REPRODUCTION_RUN, CONFIG_NAME_TAG: job.config_name}
+    tags = {KIND_TAG: REPRODUCTION_RUN_KIND, CONFIG_NAME_TAG: job.config_name}
     tracker = RunTracker(tracking_uri, experiment, run_name=job.label, parent_run_id=parent_run_id, tags=tags)
     with tracker:
         results = train_tracked(cfg, tracker, benchmark=benchmark, progress=phase_printer(job.label))
     return report.SeedResult(job.config_name, cfg.learner.name, cfg.seed, tracker.run_id, [dict(r.metrics) for r in results])
-
-
-def _one_line_error(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 @dataclass
@@ -322,30 +308,12 @@ class InProcess:
                 result = submit(job)
             except Exception as exc:  # a failed seed must not lose the others
                 logger.debug("run %s failed", job.label, exc_info=True)
-                done(job, None, _one_line_error(exc))
+                done(job, None, exception_line(exc))
             else:
                 done(job, result, None)
 
     def close(self) -> None:
         pass
-
-
-@contextlib.contextmanager
-def _loopback_ray() -> Iterator[None]:
-    """Keep a local Ray head on 127.0.0.1 while it starts (its processes inherit the setting)."""
-    import ray._private.ray_constants as ray_constants
-
-    saved_env, saved_flag = os.environ.get(_RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_RAY_LOOPBACK_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(_RAY_LOOPBACK_ENV, None)
-        else:
-            os.environ[_RAY_LOOPBACK_ENV] = saved_env
 
 
 def _set_log_dedup(enabled: bool) -> bool:
@@ -375,14 +343,12 @@ class RayTasks:
                 ray.init(address=address, **quiet)
                 self.description = f"on the Ray cluster at {address}"
             else:
-                with _loopback_ray():
-                    # "local": always a new head; a random GCS port, so Redis on 6379 is no obstacle.
-                    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **quiet)
+                start_local_ray(num_cpus, log_to_driver=True)
                 self.description = f"on a local Ray instance with {num_cpus} CPU(s)"
         except Exception as exc:
             _set_log_dedup(self._dedup)
             what = f"--address: could not connect to Ray at {address}" if address else "could not start a local Ray instance"
-            raise ClusterError(f"{what} ({_one_line_error(exc)})") from None
+            raise ClusterError(f"{what} ({exception_line(exc)})") from None
         self.owned = True
 
     def resources_check(self, cpus_per_run: float, gpus_per_run: float) -> None:
@@ -417,9 +383,9 @@ class RayTasks:
                     try:
                         result = ray.get(ref)
                     except ray.exceptions.RayTaskError as exc:
-                        done(job, None, _one_line_error(exc.cause))
+                        done(job, None, exception_line(exc.cause))
                     except ray.exceptions.RayError as exc:
-                        done(job, None, _one_line_error(exc))
+                        done(job, None, exception_line(exc))
                     else:
                         done(job, result, None)
         except KeyboardInterrupt:
@@ -517,7 +483,7 @@ def _log_parent_setup(parent: RunTracker, plan: Plan) -> None:
             safe = _PATH_UNSAFE.sub("_", entry.config_name)
             client.log_text(run_id, dump_yaml(entry.cfg), f"configs/{safe}.yaml")
     except (MlflowException, OSError) as exc:
-        raise TrackingError(f"could not log the reproduction's settings in {redact_uri(plan.tracking_uri)}: {_one_line_error(exc)}") from exc
+        raise TrackingError(f"could not log the reproduction's settings in {redact_uri(plan.tracking_uri)}: {exception_line(exc)}") from exc
 
 
 def reproduce(
@@ -554,7 +520,7 @@ def reproduce(
 def _run_all(plan: Plan, jobs: list[SeedJob], executor: Any, cpus: float, gpus: float, started: float) -> Outcome:
     first = plan.entries[0].cfg
     tags = {
-        KIND_TAG: REPRODUCTION,
+        KIND_TAG: REPRODUCTION_KIND,
         "dataset": first.data.dataset,
         "scenario": first.data.scenario,
         "protocol": protocol_name(first),
@@ -606,11 +572,11 @@ def _run_all(plan: Plan, jobs: list[SeedJob], executor: Any, cpus: float, gpus: 
             metrics = aggregate_metrics(summaries, several=len(plan.entries) > 1)
             for start_at in range(0, len(metrics), 1000):
                 parent.retrying.log_batch(parent.run_id, metrics=metrics[start_at : start_at + 1000], synchronous=True)
-            for name in (report.RESULTS_FILE, report.REPORT_FILE, report.PLOT_FILE):
+            for name in (REPRODUCTION_TABLE_FILE, REPORT_FILE, REPORT_PLOT_FILE):
                 if (plan.output_dir / name).is_file():
                     parent.retrying.log_artifact(parent.run_id, str(plan.output_dir / name))
         except (MlflowException, OSError) as exc:
-            raise TrackingError(f"could not log the aggregate in {redact_uri(plan.tracking_uri)}: {_one_line_error(exc)}") from exc
+            raise TrackingError(f"could not log the aggregate in {redact_uri(plan.tracking_uri)}: {exception_line(exc)}") from exc
         outcome = Outcome(
             plan, parent.run_id, parent.url, plan.output_dir, report_path, summaries, failures, executor.description
         )

@@ -41,34 +41,45 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
-from method.config import RunConfig
-from method.data import DataError, RawData, build_benchmark, load_raw, resolve_source
+from method.config import RunConfig, protocol_name
+from method.data import DataError, RawData, build_benchmark, load_raw, no_data_root, resolve_source
 from method.results import METRIC_NAMES, PhaseResult, reported_beside
 from method.trainer import NonFiniteLossError
 from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, config_to_dict, save_config
 from pipeline.run import apply_cli_options, train_tracked
-from pipeline.sweep_config import (
+from pipeline.names import (
+    ADOPTED_FROM_TAG,
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    DEFAULT_STORAGE,
     DIVERGED,
     DIVERGED_TAG,
+    ERROR_TAG,
     FAILED,
     FINISHED,
     INCOMPLETE,
     KIND_TAG,
+    NODE_ID_TAG,
+    NODE_IP_TAG,
     ORPHANED_TAG,
     PARAMS_TAG,
     PARENT_FILE,
+    PARENT_RUN_TAG,
     RESULTS_DIR,
     SPEC_FILE,
     STATUSES,
     STOPPED,
     STOPPED_EARLY_TAG,
+    STORAGE_TAG,
+    SWEEP_KIND,
     SWEEP_TAG,
     TABLE_FILE,
     TRIAL_CONFIG_DIR,
     TRIAL_ID_TAG,
-    NODE_ID_TAG,
-    NODE_IP_TAG,
+    TRIAL_KIND,
+)
+from pipeline.sweep_config import (
     SweepSpec,
     differing_key,
     load_sweep,
@@ -76,23 +87,17 @@ from pipeline.sweep_config import (
     test_selection_warning,
     trial_config,
 )
+from pipeline.runtime import absolute_store_uri, error_line, scoped_env, start_local_ray
 from pipeline.sweep_search import REPORTED_AT, make_scheduler, make_searcher
 from pipeline.tracking import (
-    PARENT_RUN_TAG,
     RunTracker,
     TrackingError,
-    protocol_name,
     resolve_tracking_uri,
     run_url,
 )
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = "ray_results"
-# Ray resolves 127.0.0.1 to the machine's first network interface unless it believes it runs a
-# single-machine cluster (this variable, read into ray_constants at import); a local instance is
-# told so while it starts, and its processes inherit the setting.
-RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Ray's trial checkpoint: the phase state (so `Result.checkpoint` loads a model without MLflow)
 # and the MLflow run it belongs to. The trial itself resumes from the copy in MLflow, which
 # `train_tracked` reads, so the two can never disagree.
@@ -198,7 +203,7 @@ def _params_json(params: Mapping[str, Any]) -> str:
 
 
 def _open_trial_run(context: TrialContext, trial_id: str, run_id: Optional[str], params: Mapping[str, Any]) -> RunTracker:
-    tags = {KIND_TAG: "trial", TRIAL_ID_TAG: trial_id, SWEEP_TAG: context.sweep, PARAMS_TAG: _params_json(params), **_node_tags()}
+    tags = {KIND_TAG: TRIAL_KIND, TRIAL_ID_TAG: trial_id, SWEEP_TAG: context.sweep, PARAMS_TAG: _params_json(params), **_node_tags()}
     if run_id is None:
         return RunTracker(
             context.tracking_uri, context.experiment, run_name=f"{context.sweep}-{trial_id}",
@@ -241,7 +246,7 @@ def _adopt_orphan(client: MlflowClient, context: TrialContext, trial_id: str, pa
         if client.get_run(run_id).data.tags.get(TRIAL_ID_TAG) == orphan_trial_id:
             # Claimed at once: a concurrent trial with the same values then finds it taken.
             client.set_tag(run_id, TRIAL_ID_TAG, trial_id)
-            client.set_tag(run_id, "imbcil.adopted_from", orphan_trial_id)
+            client.set_tag(run_id, ADOPTED_FROM_TAG, orphan_trial_id)
             client.update_run(run_id, name=f"{context.sweep}-{trial_id}")
             return run_id
     return None
@@ -395,7 +400,7 @@ class _LiveSweep:
             self.say(f"trial {trial.trial_id} finished: {self.spec.tune.metric} {_short(last.get(self.spec.tune.metric))}")
 
     def trial_errored(self, trial: Trial) -> None:
-        reason = _error_line(trial.get_error() or "") or "the trial process failed"
+        reason = error_line(trial.get_error() or "") or "the trial process failed"
         run_id = (trial.last_result or {}).get("mlflow_run_id")
         if run_id:
             close_trial_run(self.client, run_id, FAILED, error=reason)
@@ -424,8 +429,8 @@ def close_trial_run(client: MlflowClient, run_id: str, status: str, error: Optio
     if status == FINISHED and STOPPED_EARLY_TAG in tags:
         client.delete_tag(run_id, STOPPED_EARLY_TAG)
     if run.info.status != target:
-        if error and "imbcil.error" not in tags:
-            client.set_tag(run_id, "imbcil.error", error[:500])
+        if error and ERROR_TAG not in tags:
+            client.set_tag(run_id, ERROR_TAG, error[:500])
         client.set_terminated(run_id, status=target)
 
 
@@ -496,7 +501,7 @@ def summarise_trials(experiment_dir: Path, spec: SweepSpec) -> list[TrialSummary
         summary = TrialSummary(trial.trial_id, INCOMPLETE, params, num_phases, mlflow_run_id=last.get("mlflow_run_id"))
         summary.metrics_by_phase = _phase_metrics(frames.get(trial.trial_id))
         if trial.status == Trial.ERROR:
-            summary.status, summary.error = FAILED, _error_line(trial.get_error() or "") or "the trial failed"
+            summary.status, summary.error = FAILED, error_line(trial.get_error() or "") or "the trial failed"
         elif last.get("diverged"):
             summary.status, summary.error = DIVERGED, str(last.get("error", "diverged"))
         elif trial.status == Trial.TERMINATED:
@@ -691,16 +696,6 @@ def _short(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _error_line(text: str) -> str:
-    """The most telling line of a traceback: the last `SomeError: message`, else the last line."""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    for line in reversed(lines):
-        head = line.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
-            return line[:500]
-    return lines[-1][:500] if lines else ""
-
-
 def optuna_plots(trials: list[TrialSummary], spec: SweepSpec, folder: Path) -> list[str]:
     """Optimisation history and parameter importances as PNG; returns notes on what was skipped.
 
@@ -809,7 +804,7 @@ def sweep_command(
         )
     _check_data(spec)
 
-    uri = absolute_tracking_uri(resolve_tracking_uri(tracking_uri))
+    uri = absolute_store_uri(resolve_tracking_uri(tracking_uri))
     # Store (a fresh SQLite schema is created here, once, before trials race on it), artifacts,
     # cluster room for one trial, storage seen by every node, data on every node: `imbcil check`.
     checked = time.monotonic()
@@ -866,7 +861,7 @@ def sweep_command(
             ray.shutdown()
 
     if fit_error is not None:
-        reason = _error_line(str(fit_error)) or type(fit_error).__name__
+        reason = error_line(str(fit_error)) or type(fit_error).__name__
         try:  # record what the trials got done, so that MLflow and the table agree with a resume
             _finalise(spec, experiment_dir, uri, experiment_name, parent, started, say, failure=reason)
         except Exception as exc:
@@ -939,9 +934,9 @@ def _log_summary(parent: RunTracker, trials: list[TrialSummary], spec: SweepSpec
     best = next((t for t in trials if t.status == FINISHED), None)
     if best is not None:
         metrics.append(Metric(f"best_{metric}", best.last_value(metric), now, 0))
-        client.set_tag(run_id, "imbcil.best_trial_id", best.trial_id)
+        client.set_tag(run_id, BEST_TRIAL_TAG, best.trial_id)
         if best.mlflow_run_id:
-            client.set_tag(run_id, "imbcil.best_run_id", best.mlflow_run_id)
+            client.set_tag(run_id, BEST_RUN_TAG, best.mlflow_run_id)
     client.log_batch(run_id, metrics=metrics, synchronous=True)
     client.log_artifacts(run_id, str(folder))
 
@@ -967,20 +962,15 @@ def _tune_settings() -> Iterator[None]:
         # honours verbose=0, and the driver prints its own line per trial event instead.
         "RAY_AIR_NEW_OUTPUT": "0",
     }
-    saved = {key: os.environ.get(key) for key in knobs}
-    for key, value in knobs.items():
-        os.environ.setdefault(key, value)  # a user's own setting wins
     # Its "Resume experiment with: Tuner.restore(...)" after Ctrl-C; the CLI says how instead.
     tune_logger = logging.getLogger("ray.tune.tune")
     saved_level = tune_logger.level
     tune_logger.setLevel(logging.ERROR)
     try:
-        yield
+        with scoped_env(knobs, user_wins=True):
+            yield
     finally:
         tune_logger.setLevel(saved_level)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
 
 
 def _new_tuner(spec: SweepSpec, trainable, storage_dir: Path, experiment_dir: Path) -> tune.Tuner:
@@ -1017,45 +1007,11 @@ def _start_ray(address: Optional[str]) -> bool:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:
-            # "local" starts a new instance, never one found on this machine; its GCS takes a
-            # free port, so a Redis on 6379 is no obstacle.
-            with _local_ray():
-                ray.init(
-                    address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                    log_to_driver=False, logging_level=logging.WARNING,
-                )  # fmt: skip
+            start_local_ray(os.cpu_count() or 1, log_to_driver=False)
     except Exception as exc:
         where = f"connect to the Ray cluster at {address}" if address else "start Ray on this machine"
-        raise SweepError(f"could not {where}: {_error_line(str(exc)) or type(exc).__name__}") from None
+        raise SweepError(f"could not {where}: {error_line(str(exc)) or type(exc).__name__}") from None
     return True
-
-
-@contextlib.contextmanager
-def _local_ray() -> Iterator[None]:
-    """Settings for a Ray instance this command starts, while it starts (its processes inherit them).
-
-    Loopback: a local instance keeps every port on 127.0.0.1 (the flag is read into
-    ray_constants at import, so the module's copy is switched too). Memory monitor off: on a shared
-    machine Ray blames other programs' memory on its workers and kills them, and Tune (2.60)
-    does not survive that kill -- it ends the whole fit -- while a worker the kernel's OOM killer
-    takes is an ordinary trial failure that Tune retries. A user's own settings win.
-    """
-    import ray._private.ray_constants as ray_constants
-
-    knobs = {RAY_LOOPBACK_ENV: "0", "RAY_memory_monitor_refresh_ms": os.environ.get("RAY_memory_monitor_refresh_ms", "0")}
-    saved_env = {key: os.environ.get(key) for key in knobs}
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(knobs)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _storage_dir(storage: Optional[str]) -> Path:
@@ -1065,23 +1021,11 @@ def _storage_dir(storage: Optional[str]) -> Path:
     return Path(text).expanduser().absolute()
 
 
-def absolute_tracking_uri(uri: str) -> str:
-    """A relative SQLite or file store made absolute: trials run in their own directories."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rest = uri[len("sqlite:///"):]
-        path, _, query = rest.partition("?")
-        if path and path != ":memory:":
-            return f"sqlite:///{Path(path).absolute()}" + (f"?{query}" if query else "")
-    if "://" not in uri and not uri.startswith("file:"):
-        return str(Path(uri).expanduser().absolute())
-    return uri
-
-
 def _check_data(spec: SweepSpec) -> None:
     """Fail before Ray starts when the data folder is missing; trials read the data themselves."""
     data = spec.base.data
     if not data.root:
-        raise DataError(f"no data root for {data.dataset}: pass --data-root DIR or set IMBCIL_DATA")
+        raise DataError(no_data_root(data.dataset))
     if not Path(data.root).exists():
         raise DataError(f"data root {data.root} does not exist")
 
@@ -1100,7 +1044,7 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 def _open_parent_run(uri: str, experiment: str, spec: SweepSpec, experiment_dir: Path, saved: Optional[dict]) -> RunTracker:
     """The sweep's parent run: reopened when the storage folder names one, else created."""
     tags = {
-        KIND_TAG: "sweep", SWEEP_TAG: spec.name, "imbcil.storage": str(experiment_dir),
+        KIND_TAG: SWEEP_KIND, SWEEP_TAG: spec.name, STORAGE_TAG: str(experiment_dir),
         "dataset": spec.base.data.dataset, "protocol": protocol_name(spec.base), "learner": spec.base.learner.name,
     }  # fmt: skip
     if saved:
@@ -1117,5 +1061,5 @@ def _open_parent_run(uri: str, experiment: str, spec: SweepSpec, experiment_dir:
         client.log_text(run_id, json.dumps(space, indent=2), "search_space.json")
     except Exception as exc:
         parent.finish("FAILED", error=f"could not log the sweep: {exc}")
-        raise TrackingError(f"could not log the sweep to {parent.url}: {_error_line(str(exc))}") from None
+        raise TrackingError(f"could not log the sweep to {parent.url}: {error_line(str(exc))}") from None
     return parent

@@ -50,29 +50,6 @@ MAX_CORNERS = 4096
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SCALAR = (str, int, float, bool, type(None))
 
-# Where a sweep's own results live, next to Ray's in <storage>/<name>/, and the MLflow tags of
-# its runs. Kept here, not in `pipeline.sweep`, so that `imbcil export` reads them without
-# importing Ray.
-RESULTS_DIR = "imbcil"
-SPEC_FILE = "sweep.yaml"  # the resolved SweepSpec
-PARENT_FILE = "parent_run.json"  # the parent run id, so that a resumed driver reuses the run
-TRIAL_CONFIG_DIR = "trial_configs"  # <trial_id>.yaml: each trial's complete run config
-TABLE_FILE = "trials.parquet"  # one row per trial x phase x metric
-KIND_TAG = "imbcil.kind"  # "sweep" (the parent run) or "trial"
-SWEEP_TAG = "imbcil.sweep"
-TRIAL_ID_TAG = "imbcil.trial_id"
-# The Ray node the trial last ran on (a restarted trial may move: the tag follows it).
-NODE_ID_TAG = "imbcil.ray_node_id"
-NODE_IP_TAG = "imbcil.ray_node_ip"
-STOPPED_EARLY_TAG = "imbcil.stopped_early"
-DIVERGED_TAG = "imbcil.diverged"
-ORPHANED_TAG = "imbcil.orphaned"
-PARAMS_TAG = "imbcil.params"  # a trial's sampled values as JSON
-# A trial's outcome, in the order a leaderboard lists them.
-FINISHED, STOPPED, DIVERGED, FAILED, INCOMPLETE = "finished", "stopped", "diverged", "failed", "incomplete"
-STATUSES = (FINISHED, STOPPED, DIVERGED, FAILED, INCOMPLETE)
-
-
 # ---------------------------------------------------------------------------------------------
 # Distributions
 

@@ -23,7 +23,6 @@ import re
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -39,10 +38,22 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from method.config import DATASET_FACTS, RunConfig
+from method.config import RunConfig, protocol_name
 from method.results import PhaseResult
 from pipeline import plots
 from pipeline.config import dump_yaml, flatten
+from pipeline.names import (
+    DEFAULT_TRACKING_URI,
+    ERROR_TAG,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    GIT_COMMIT_TAG,
+    LAST_PHASE_TAG,
+    PARENT_RUN_TAG,
+    RUN_KEY_TAG,
+    USER_TAG,
+)
+from pipeline.runtime import scoped_env, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -50,19 +61,6 @@ logger = logging.getLogger(__name__)
 # URI's credentials; every process that tracks imports this module, and the verbs print their own
 # redacted links (`run_url`). A user who wants MLflow's line can still set the variable to false.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-# MLflow's own default store, as a file in the working directory.
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-# Without this tag MLflow 3.x opens experiments on its GenAI overview page (design.md, Tracking).
-EXPERIMENT_KIND = "custom_model_development"
-PARENT_RUN_TAG = "mlflow.parentRunId"
-GIT_COMMIT_TAG = "mlflow.source.git.commit"
-# "Phase t is fully logged": set only after the phase's metrics and artifacts are stored, so a
-# resumed run never trusts a phase that was cut off half way.
-LAST_PHASE_TAG = "imbcil.last_phase"
-ERROR_TAG = "imbcil.error"
 
 # MLflow 3 accepts 6000-character param values, but older servers stop at 500; a config value
 # that long is a list or a path, and its prefix still identifies it.
@@ -196,35 +194,7 @@ def _short_reason(exc: BaseException, timeout_s: float | None = None) -> str:
     else:
         text = str(exc)
     # Library messages may quote the URL they called, credentials and all.
-    return _one_line(redact_text(text), 300) or type(exc).__name__
-
-
-def _one_line(text: str, limit: int) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-# The environment is process-wide: one lock keeps two threads' knobs from undoing each other.
-_ENV_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def _mlflow_env(**knobs: str) -> Iterator[None]:
-    """Set MLflow environment knobs for one call only (MLflow reads them per request).
-
-    Calls inside the block are serialised per process; trials log from their own processes.
-    """
-    with _ENV_LOCK:
-        saved = {key: os.environ.get(key) for key in knobs}
-        os.environ.update(knobs)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    return shorten(redact_text(text), 300) or type(exc).__name__
 
 
 def check_tracking(uri: str, timeout_s: float = 5) -> None:
@@ -298,10 +268,7 @@ def _check_http(uri: str, timeout_s: float) -> None:
     # /health answers without credentials; the API call shows that the client may log.
     try:
         # MLflow's REST client retries for minutes by default; a probe must fail in seconds.
-        with _mlflow_env(
-            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-            MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, math.ceil(timeout_s))),
-        ):
+        with scoped_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s)))}):
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
         raise _unreachable(uri, _short_reason(exc, timeout_s)) from None
@@ -405,19 +372,6 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 # Run metadata
 
 
-def protocol_name(cfg: RunConfig) -> str:
-    """"LFS-N" (N equal tasks in all) or "LFH-N" (a larger first task, then N tasks), method.md §1."""
-    num_classes = DATASET_FACTS[cfg.data.dataset]["num_classes"]
-    first = cfg.protocol.first_task_classes
-    tasks = cfg.protocol.incremental_tasks
-    rest = num_classes - first
-    # Equal tasks, or the reference's split of a class count that does not divide: the one
-    # left-over class goes to the first task (Food-101 LFS-10 is 11 + 9x10, LFS-20 6 + 19x5).
-    if rest in (first * tasks, (first - 1) * tasks):
-        return f"LFS-{tasks + 1}"
-    return f"LFH-{tasks}"
-
-
 @functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
     try:
@@ -493,7 +447,6 @@ _TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED
 # An answer that refused the request before doing anything: safe to repeat even if not idempotent.
 _REFUSED_STATUS = frozenset({429, 503})
 _STATUS_IN_MESSAGE = re.compile(r"error code (\d{3}) != 200")
-RUN_KEY_TAG = "imbcil.run_key"
 
 _T = TypeVar("_T")
 
@@ -631,7 +584,7 @@ class RunTracker:
         A retry first looks for the run the lost request may have created, by a key tag.
         """
         key = os.urandom(16).hex()
-        tags = {"mlflow.user": _user(), **tags, RUN_KEY_TAG: key}
+        tags = {USER_TAG: _user(), **tags, RUN_KEY_TAG: key}
         sent = False
 
         def create():
@@ -706,7 +659,7 @@ class RunTracker:
         failures = 0
         while True:
             try:
-                with _mlflow_env(**self._request_knobs(budget - (time.monotonic() - started))):
+                with scoped_env(self._request_knobs(budget - (time.monotonic() - started))):
                     result = operation()
             except Exception as exc:
                 if not isinstance(exc, (MlflowException, OSError)) and not _never_sent(exc):
@@ -919,13 +872,13 @@ class RunTracker:
         action = "end the run"
         if error is not None:
             # Exception messages quote URLs, credentials included.
-            message = _one_line(redact_text(error), ERROR_MESSAGE_LIMIT)
+            message = shorten(redact_text(error), ERROR_MESSAGE_LIMIT)
             self._call(action, lambda: self.client.set_tag(self._run_id, ERROR_TAG, message))
 
         def terminate():
             # Against a server, set_terminated prints "View run ... at <tracking URI>" to stdout,
             # credentials included; the verbs print `self.url` instead.
-            with _mlflow_env(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"):
+            with scoped_env({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
                 self.client.set_terminated(self._run_id, status=status)
 
         self._call(action, terminate)

@@ -243,16 +243,6 @@ def test_the_leaderboard_ranks_by_validation_and_shows_the_test_metric_beside(sw
     assert lines[2].startswith("| 1 | b |") and lines[2].endswith("| 45.00 40.00 35.00 | 35.00 | 20.00 |")
 
 
-def test_relative_stores_become_absolute_for_trials_that_run_elsewhere(tmp_path, monkeypatch):
-    from pipeline.sweep import absolute_tracking_uri
-
-    monkeypatch.chdir(tmp_path)
-    assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert absolute_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
-    assert absolute_tracking_uri("mlruns") == str(tmp_path / "mlruns")
-    assert absolute_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
-
-
 # ---------------------------------------------------------------------------------------------
 # A tiny sweep on real data (the session fixture `tiny_sweep` runs it once)
 

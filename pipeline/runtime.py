@@ -1,0 +1,123 @@
+"""The shared floor under the verbs: scoped environment, a local Ray, store paths, error lines.
+
+Each helper here had copies in several verbs that had begun to disagree (which Ray settings a
+local instance gets, how long an error line may be, what a plain store path means); every verb
+now uses these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Iterator, Mapping
+
+# The environment is process-wide: one lock keeps two threads' changes from undoing each other.
+_ENV_LOCK = threading.RLock()
+
+# Ray resolves 127.0.0.1 to the machine's first network interface unless it believes it runs a
+# single-machine cluster (this variable, read into ray_constants at import); a local instance is
+# told so while it starts, and its processes inherit the setting.
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_MEMORY_MONITOR_ENV = "RAY_memory_monitor_refresh_ms"
+ERROR_LINE_LIMIT = 500
+
+
+@contextlib.contextmanager
+def scoped_env(values: Mapping[str, str], *, user_wins: bool = False) -> Iterator[None]:
+    """Set environment variables for the block and put the old values back afterwards.
+
+    `user_wins`: a variable the user has set keeps its value (for defaults of ours that a user
+    may override). Changes are serialised per process.
+    """
+    with _ENV_LOCK:
+        saved = {key: os.environ.get(key) for key in values}
+        for key, value in values.items():
+            if not (user_wins and key in os.environ):
+                os.environ[key] = value
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@contextlib.contextmanager
+def local_ray_settings() -> Iterator[None]:
+    """Settings for a Ray instance this command starts, while it starts (its processes inherit them).
+
+    Loopback: a local instance keeps every port on 127.0.0.1 (the flag is read into
+    ray_constants at import, so the module's copy is switched too). Memory monitor off: on a shared
+    machine Ray blames other programs' memory on its workers and kills them, and Tune (2.60)
+    does not survive that kill -- it ends the whole fit -- while a worker the kernel's OOM killer
+    takes is an ordinary failure that Tune retries. A user's own monitor setting wins.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    with scoped_env({RAY_LOOPBACK_ENV: "0"}), scoped_env({RAY_MEMORY_MONITOR_ENV: "0"}, user_wins=True):
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            yield
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+def start_local_ray(num_cpus: int, **options) -> None:
+    """A new Ray instance on this machine, on loopback, never one found running here.
+
+    Its GCS takes a free port, so a Redis on 6379 is no obstacle.
+    """
+    import ray
+
+    with local_ray_settings():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, **options)
+
+
+def absolute_store_uri(uri: str) -> str:
+    """A relative SQLite or file store made absolute: trials and seeds run in other directories.
+
+    `sqlite:///mlflow.db` and a plain `mlruns` are relative to where the command was started;
+    URIs of servers and absolute paths are kept as they are.
+    """
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path, _, query = uri[len("sqlite:///") :].partition("?")
+        if path and path != ":memory:":
+            return f"sqlite:///{Path(path).absolute()}" + (f"?{query}" if query else "")
+    if "://" not in uri and not uri.startswith("file:"):
+        return str(Path(uri).expanduser().absolute())
+    return uri
+
+
+def error_line(text: object, limit: int = ERROR_LINE_LIMIT) -> str:
+    """The most telling line of an error or traceback, on one line, at most `limit` characters.
+
+    The last `SomeError: message` line of a traceback, else its last line; whitespace runs are
+    folded, so a multi-line library message stays one line.
+    """
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    chosen = ""
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
+            chosen = line
+            break
+    else:
+        chosen = lines[-1] if lines else ""
+    return shorten(chosen, limit)
+
+
+def exception_line(exc: BaseException, limit: int = ERROR_LINE_LIMIT) -> str:
+    """`TypeName: message` of an exception, on one line."""
+    text = " ".join(str(exc).split())
+    return shorten(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, limit)
+
+
+def shorten(text: str, limit: int) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
