@@ -167,7 +167,9 @@ class IncrementalTrainer:
         progress: Optional[ProgressCallback] = None,
         device: Optional[torch.device] = None,
     ) -> None:
-        self.cfg = resolve_dataset_defaults(cfg)
+        # A copy: the caller's config is never changed (an unresolved one, from a test, is resolved here).
+        self.cfg = resolve_dataset_defaults(copy.deepcopy(cfg))
+        cfg = self.cfg
         self.device = device or resolve_device(cfg.device)
         self.benchmark = benchmark or build_benchmark(cfg.data, cfg.protocol, cfg.seed)
         self.progress = progress or (lambda event: None)

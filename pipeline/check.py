@@ -774,8 +774,7 @@ def check_command(
     """What `imbcil check` checks: a sweep file brings its base config, trial resources and
     default storage folder; a run config brings its data section; without either, the store
     (and, with --address, the cluster) alone."""
-    from pipeline.config import ConfigError, load_config, read_yaml
-    from pipeline.run import apply_cli_options
+    from pipeline.config import ConfigError, read_yaml, resolve
     from pipeline.tracking import resolve_tracking_uri
 
     cfg, resources = None, None
@@ -784,20 +783,15 @@ def check_command(
         if isinstance(raw, dict) and ({"base", "space", "tune"} & set(raw)):
             from pipeline.sweep_config import load_sweep
 
-            spec = load_sweep(path, overrides)
+            spec = load_sweep(path, overrides, data_root=data_root)
             cfg, resources = spec.base, spec.tune.resources_per_trial
             if storage is None:
-
                 storage = DEFAULT_STORAGE
         else:
-            cfg = load_config(path, overrides)
-        apply_cli_options(cfg, data_root)
+            cfg = resolve(path, overrides, data_root=data_root)
     elif overrides:
         raise ConfigError("overrides need a config or sweep file to apply to")
     elif data_root:
-        from method.config import RunConfig
-
         # A bare --data-root: check for the offline CIFAR-10 that the default configs use.
-        cfg = apply_cli_options(RunConfig(), data_root)
-        cfg.data.dataset = "cifar10"
+        cfg = resolve(overrides=["data.dataset=cifar10", "protocol.first_task_classes=2", "protocol.incremental_tasks=4"], data_root=data_root)
     return preflight(resolve_tracking_uri(tracking_uri), address=address, storage=storage, cfg=cfg, resources_per_trial=resources)

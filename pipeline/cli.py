@@ -108,10 +108,9 @@ def data(
 ) -> None:
     """Print the benchmark a config builds: class order and per-task image counts."""
     from method.data import build_benchmark
-    from pipeline.config import load_config
-    from pipeline.run import apply_cli_options
+    from pipeline.config import resolve
 
-    cfg = apply_cli_options(load_config(config, overrides or []), data_root)
+    cfg = resolve(config, overrides or [], data_root=data_root)
     console.print(build_benchmark(cfg.data, cfg.protocol, cfg.seed).describe())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,6 +18,10 @@ import pydantic
 import yaml
 
 from method.config import DATASET_FACTS, RunConfig, resolve_dataset_defaults
+
+
+# Where the data lives when neither --data-root nor the config says.
+DATA_ENV = "IMBCIL_DATA"
 
 
 class ConfigError(ValueError):
@@ -38,7 +43,15 @@ _RUN_CONFIG_ADAPTER = pydantic.TypeAdapter(RunConfig)
 
 
 def config_from_dict(raw: dict[str, Any] | None) -> RunConfig:
-    """Build and validate a RunConfig from plain data (as read from YAML)."""
+    """A resolved, validated RunConfig from plain data (as read from YAML), with no outside options."""
+    cfg = _build(raw)
+    resolve_dataset_defaults(cfg)
+    _check_rules(cfg)
+    return cfg
+
+
+def _build(raw: dict[str, Any] | None) -> RunConfig:
+    """Types and unknown keys (pydantic), declared bounds and choices; the joint rules come after."""
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping of keys, got {type(raw).__name__}")
@@ -46,7 +59,46 @@ def config_from_dict(raw: dict[str, Any] | None) -> RunConfig:
         cfg = _RUN_CONFIG_ADAPTER.validate_python(copy.deepcopy(raw))
     except pydantic.ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
-    validate(cfg)
+    _check_bounds(cfg, prefix="")  # before anything looks a dataset's facts up
+    return cfg
+
+
+def resolve(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    data_root: str | None = None,
+    device: str | None = None,
+) -> RunConfig:
+    """The one way a verb gets its run config, validated once with everything that decides it.
+
+    In order: the YAML file (or the defaults), the `key=value` overrides, the command line's
+    --data-root (which beats the config's data.root, which beats $IMBCIL_DATA) and --device,
+    the dataset's defaults, an absolute data root (trials and seeds run in other folders); then
+    `validate`, so that `--device cpu` with `train.cuda_graph=true` is refused here.
+    """
+    return resolve_dict(read_yaml(path) if path is not None else {}, overrides, data_root=data_root, device=device)
+
+
+def resolve_dict(
+    raw: dict[str, Any], overrides: Iterable[str] = (), *, data_root: str | None = None, device: str | None = None
+) -> RunConfig:
+    """`resolve` for a config already read as plain data (a logged config, a sweep's base)."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    data = raw.get("data")
+    configured_root = data.get("root") if isinstance(data, dict) else None
+    if data_root or (not configured_root and os.environ.get(DATA_ENV)):
+        set_dotted(raw, "data.root", data_root or os.environ[DATA_ENV])
+    if device:
+        raw["device"] = device
+    cfg = _build(raw)
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().absolute())
+    resolve_dataset_defaults(cfg)
+    _check_rules(cfg)
     return cfg
 
 
@@ -63,6 +115,11 @@ def _one_line(exc: pydantic.ValidationError) -> str:
 def validate(cfg: RunConfig) -> None:
     """Check declared bounds/choices and the protocol's cross-field rules."""
     _check_bounds(cfg, prefix="")
+    _check_rules(cfg)
+
+
+def _check_rules(cfg: RunConfig) -> None:
+    """The rules that join fields (and the dataset's facts); bounds and choices come first."""
     facts = DATASET_FACTS[cfg.data.dataset]
     num_classes = facts["num_classes"]
     first = cfg.protocol.first_task_classes
@@ -163,17 +220,21 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), *, resolve: bool = True) -> RunConfig:
-    """Read a YAML run config (or the defaults), apply `key=value` overrides, validate."""
+    """A config file as it is written (plus overrides), without the command line's options.
+
+    For files that are complete run configs (exports, trial configs, `show-config`); a verb that
+    also takes --data-root or --device uses `resolve`.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(path)
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(raw, key, value)
-    cfg = config_from_dict(raw)
+    cfg = _build(raw)
     if resolve:
         resolve_dataset_defaults(cfg)
-        validate(cfg)
+    _check_rules(cfg)
     return cfg
 
 
@@ -182,7 +243,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -27,7 +27,7 @@ from method.config import RunConfig, paper_budget, protocol_name
 from method.data import RawData, build_benchmark, load_raw
 from pipeline import report
 from pipeline.check import preflight, raise_on_failure
-from pipeline.config import ConfigError, dump_yaml, load_config, validate
+from pipeline.config import ConfigError, dump_yaml, resolve, validate
 from pipeline.names import (
     CONFIG_NAME_TAG,
     KIND_TAG,
@@ -37,7 +37,7 @@ from pipeline.names import (
     REPRODUCTION_RUN_KIND,
     REPRODUCTION_TABLE_FILE,
 )
-from pipeline.run import apply_cli_options, train_tracked
+from pipeline.run import train_tracked
 from pipeline.runtime import absolute_store_uri, exception_line, start_local_ray
 from pipeline.tracking import (
     RunTracker,
@@ -176,12 +176,10 @@ def make_plan(
     """Load and validate every config; all configs must share one setting (one paper column)."""
     configs = []
     for path in config_paths:
-        cfg = apply_cli_options(load_config(path, overrides), data_root, device)
+        cfg = resolve(path, overrides, data_root=data_root, device=device)
         if full_budget:
             paper_budget(cfg)
             validate(cfg)
-        if cfg.data.root:
-            cfg.data.root = str(Path(cfg.data.root).expanduser().absolute())
         configs.append(cfg)
     reference = _setting(configs[0])
     for path, cfg in zip(config_paths, configs):

@@ -6,7 +6,6 @@ after its last fully logged phase, so a restarted run never redoes or duplicates
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -15,22 +14,8 @@ from method.config import RunConfig
 from method.data import Benchmark, build_benchmark
 from method.results import PhaseResult
 from method.trainer import IncrementalTrainer, ProgressCallback
-from pipeline.config import ConfigError, config_from_dict, flatten, load_config, read_yaml
+from pipeline.config import ConfigError, config_from_dict, config_to_dict, flatten, read_yaml, resolve, resolve_dict
 from pipeline.tracking import RunTracker, TrackingError, check_tracking, resolve_tracking_uri
-
-DATA_ENV = "IMBCIL_DATA"
-
-
-def apply_cli_options(cfg: RunConfig, data_root: Optional[str] = None, device: Optional[str] = None) -> RunConfig:
-    """--data-root beats the config's data.root, which beats IMBCIL_DATA."""
-    if data_root:
-        cfg.data.root = data_root
-    elif not cfg.data.root and os.environ.get(DATA_ENV):
-        cfg.data.root = os.environ[DATA_ENV]
-    if device:
-        cfg.device = device
-    return cfg
-
 
 def logged_config(tracker: RunTracker) -> RunConfig:
     """The config a run was started with (its config.yaml artifact)."""
@@ -105,12 +90,12 @@ def run_command(
     uri = resolve_tracking_uri(tracking_uri)
     given = None
     if config_path is not None or overrides or not resume:
-        given = apply_cli_options(load_config(config_path, overrides), data_root, device)
+        given = resolve(config_path, overrides, data_root=data_root, device=device)
     if resume:
         check_tracking(uri)
         tracker = RunTracker(uri, experiment, run_id=resume)
         try:
-            cfg = apply_cli_options(logged_config(tracker), data_root, device)
+            cfg = resolve_dict(config_to_dict(logged_config(tracker)), data_root=data_root, device=device)
             if given is not None:
                 same_config_or_error(given, cfg)
             benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed)

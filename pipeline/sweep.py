@@ -47,7 +47,7 @@ from method.results import METRIC_NAMES, PhaseResult, reported_beside
 from method.trainer import NonFiniteLossError
 from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, config_to_dict, save_config
-from pipeline.run import apply_cli_options, train_tracked
+from pipeline.run import train_tracked
 from pipeline.names import (
     ADOPTED_FROM_TAG,
     BEST_RUN_TAG,
@@ -91,6 +91,7 @@ from pipeline.runtime import absolute_store_uri, error_line, scoped_env, start_l
 from pipeline.sweep_search import REPORTED_AT, make_scheduler, make_searcher
 from pipeline.tracking import (
     RunTracker,
+    error_tag_value,
     TrackingError,
     resolve_tracking_uri,
     run_url,
@@ -430,7 +431,7 @@ def close_trial_run(client: MlflowClient, run_id: str, status: str, error: Optio
         client.delete_tag(run_id, STOPPED_EARLY_TAG)
     if run.info.status != target:
         if error and ERROR_TAG not in tags:
-            client.set_tag(run_id, ERROR_TAG, error[:500])
+            client.set_tag(run_id, ERROR_TAG, error_tag_value(error))
         client.set_terminated(run_id, status=target)
 
 
@@ -776,14 +777,11 @@ def sweep_command(
 ) -> SweepOutcome:
     """Everything `imbcil sweep` does. Each check that can fail runs before Ray starts."""
     started = time.monotonic()
-    spec = load_sweep(sweep_file, overrides)
+    # Its data root is absolute: trials run in their own working directories.
+    spec = load_sweep(sweep_file, overrides, data_root=data_root)
     warning = test_selection_warning(spec)
     if warning:
         say(warning)
-    apply_cli_options(spec.base, data_root)
-    if spec.base.data.root:
-        # Trials run in their own working directories (Ray changes into the trial folder).
-        spec.base.data.root = str(Path(spec.base.data.root).expanduser().absolute())
     storage_dir = _storage_dir(storage)
     experiment_dir = storage_dir / spec.name
     results_dir = experiment_dir / RESULTS_DIR

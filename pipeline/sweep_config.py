@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 import optuna
 
-from method.config import RunConfig, resolve_dataset_defaults
+from method.config import RunConfig
 from method.results import METRIC_NAMES, TEST_METRICS, paired_metric
 from pipeline.config import (
     ConfigError,
@@ -35,8 +35,8 @@ from pipeline.config import (
     config_to_dict,
     parse_override,
     read_yaml,
+    resolve_dict,
     set_dotted,
-    validate,
 )
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
@@ -153,10 +153,7 @@ def trial_config(base: Mapping[str, Any], params: Mapping[str, Any]) -> RunConfi
     raw = copy.deepcopy(dict(base))
     for key, value in params.items():
         set_dotted(raw, key, _plain(value))
-    cfg = config_from_dict(raw)
-    resolve_dataset_defaults(cfg)
-    validate(cfg)
-    return cfg
+    return config_from_dict(raw)
 
 
 def _plain(value: Any) -> Any:
@@ -169,14 +166,15 @@ def _plain(value: Any) -> Any:
 # Loading
 
 
-def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
-    """Read and validate a sweep file; `overrides` (dotted key=value) apply to its base config."""
+def load_sweep(path: str | Path, overrides: Iterable[str] = (), *, data_root: str | None = None) -> SweepSpec:
+    """Read and validate a sweep file; `overrides` (dotted key=value) and --data-root apply to its base config."""
     path = Path(path)
     raw = read_yaml(path)
     return sweep_from_dict(
         raw,
         base_dir=path.parent,
         overrides=overrides,
+        data_root=data_root,
         default_name=path.stem,
         source=str(path),
         source_text=path.read_text(),
@@ -188,6 +186,7 @@ def sweep_from_dict(
     *,
     base_dir: str | Path = ".",
     overrides: Iterable[str] = (),
+    data_root: str | None = None,
     default_name: str = "sweep",
     source: str = "",
     source_text: str = "",
@@ -205,7 +204,7 @@ def sweep_from_dict(
         if isinstance(space_raw, Mapping) and key in space_raw:
             raise ConfigError(f"{key}: is searched by the sweep (space.{key}); an override would be ignored")
         set_dotted(base_raw, key, value)
-    base = _base_config(base_raw)
+    base = _base_config(base_raw, data_root)
     space = _parse_space(space_raw)
     tune = _parse_tune(raw.get("tune"), default_name)
     spec = SweepSpec(tune.name, base, space, tune, source=source, source_text=source_text)
@@ -264,14 +263,11 @@ def _base_mapping(value: Any, base_dir: Path) -> dict[str, Any]:
     raise ConfigError(f"base: expected a run config mapping or a path (got {type(value).__name__})")
 
 
-def _base_config(raw: dict[str, Any]) -> RunConfig:
+def _base_config(raw: dict[str, Any], data_root: str | None = None) -> RunConfig:
     try:
-        cfg = config_from_dict(raw)
-        resolve_dataset_defaults(cfg)
-        validate(cfg)
+        return resolve_dict(raw, data_root=data_root)
     except ConfigError as exc:
         raise ConfigError(f"base.{exc}") from None
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------

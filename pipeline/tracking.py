@@ -125,6 +125,11 @@ def redact_text(text: Any) -> str:
     return _SECRET_ASSIGNMENT.sub(r"\1***", redacted)
 
 
+def error_tag_value(error: Any) -> str:
+    """What a run's error tag holds: one line, passwords redacted (messages quote URLs with credentials)."""
+    return shorten(redact_text(error), ERROR_MESSAGE_LIMIT)
+
+
 def _without_userinfo(uri: str) -> str:
     """A clickable form of an http(s) URI: the browser asks for credentials itself."""
     match = _AUTHORITY.match(uri)
@@ -871,8 +876,7 @@ class RunTracker:
             return
         action = "end the run"
         if error is not None:
-            # Exception messages quote URLs, credentials included.
-            message = shorten(redact_text(error), ERROR_MESSAGE_LIMIT)
+            message = error_tag_value(error)
             self._call(action, lambda: self.client.set_tag(self._run_id, ERROR_TAG, message))
 
         def terminate():

@@ -1,5 +1,6 @@
 """The phase-by-phase trainer on real CIFAR-10-LT data (a small slice, few epochs, CPU)."""
 
+import copy
 import io
 
 import numpy as np
@@ -132,3 +133,11 @@ def test_two_stage_runs_with_any_learner(data_root, benchmark_factory):
     results = run_all(cfg, benchmark_factory(cfg))
     assert len(results) == 5
     assert all(np.isfinite(r.metrics["loss"]) and np.isfinite(r.metrics["acc"]) for r in results)
+
+
+def test_the_trainer_never_changes_the_config_it_is_given(data_root, benchmark_factory):
+    cfg = small_config(data_root)
+    cfg.train.epochs, cfg.train.milestones, cfg.train.weight_decay = None, None, None  # left to the dataset
+    before = copy.deepcopy(cfg)
+    trainer = IncrementalTrainer(cfg, benchmark=benchmark_factory(small_config(data_root)))
+    assert cfg == before and trainer.cfg.train.epochs == 160 and trainer.cfg.train.milestones == [80, 120]

@@ -205,3 +205,24 @@ def test_ctrl_c_ends_the_run_killed_with_exit_130(tmp_path, data_root):
     assert run.info.status == "KILLED"
     assert run.data.tags["imbcil.last_phase"] == "0"
     assert "error: interrupted" in output and "Traceback" not in output
+
+
+def test_command_line_options_are_validated_with_the_config_before_anything_is_created(tmp_path, data_root):
+    # --device is part of the one config resolution: CUDA graphs on the CPU are refused up front.
+    code, output = invoke(
+        "run", REPO / "configs/quickstart.yaml", "--device", "cpu", "train.cuda_graph=true",
+        "--data-root", data_root, "--tracking-uri", sqlite_uri(tmp_path),
+    )  # fmt: skip
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, output
+    assert lines[0].startswith("error: train.cuda_graph: CUDA graphs need device cuda")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_config_file_that_is_not_text_is_one_line_and_exit_2(tmp_path):
+    garbage = tmp_path / "random.yaml"
+    garbage.write_bytes(b"\xff\xfe\x9c\x00" + bytes(range(128, 256)) * 4)
+    code, output = invoke("run", garbage, "--tracking-uri", sqlite_uri(tmp_path))
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 2 and lines == [f"error: {garbage}: not a text file (a YAML config is UTF-8 text)"], output
+    assert not (tmp_path / "mlflow.db").exists()

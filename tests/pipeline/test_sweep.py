@@ -541,3 +541,28 @@ def test_a_sweep_killed_and_resumed_decides_as_the_uninterrupted_one(steady_swee
         phases = int(run.data.tags["imbcil.last_phase"]) + 1
         for name in ("avg_incremental_acc", "val_avg_incremental_acc", "val_acc"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(phases)), name
+
+
+def test_a_failed_trials_error_tag_is_redacted_like_every_other_tag():
+    from pipeline.sweep import close_trial_run
+
+    class Client:
+        def __init__(self):
+            self.tags, self.status = {}, "RUNNING"
+
+        def get_run(self, run_id):
+            return SimpleNamespace(data=SimpleNamespace(tags=dict(self.tags)), info=SimpleNamespace(status=self.status))
+
+        def set_tag(self, run_id, key, value):
+            self.tags[key] = value
+
+        def set_terminated(self, run_id, status):
+            self.status = status
+
+    client = Client()
+    error = "MlflowException: API request to http://alice:s3cret@tracking.example:5000/api failed; password=hunter2 " + "x" * 600
+    close_trial_run(client, "run-1", "failed", error=error)
+    tag = client.tags["imbcil.error"]
+    assert client.status == "FAILED" and "s3cret" not in tag and "hunter2" not in tag
+    assert "http://alice:***@tracking.example:5000/api" in tag and "password=***" in tag
+    assert len(tag) <= 500 and "\n" not in tag
