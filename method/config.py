@@ -10,8 +10,9 @@ A field set to None where the doc says "dataset default" is filled in by
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 
 def bounded(default, *, ge=None, gt=None, le=None, lt=None, choices=None, **kw):
@@ -20,6 +21,18 @@ def bounded(default, *, ge=None, gt=None, le=None, lt=None, choices=None, **kw):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+def registered(module: str, registry: str, *extra: str) -> Callable[[], tuple[str, ...]]:
+    """Choices read from a registry when a config is validated: the registry is the only list.
+
+    Looked up late, so that this module imports neither torch nor the learners, which import it.
+    """
+
+    def names() -> tuple[str, ...]:
+        return (*extra, *getattr(importlib.import_module(module), registry))
+
+    return names
 
 
 DATASETS = ("cifar10", "cifar100", "imagenet_subset", "food101")
@@ -60,7 +73,7 @@ class ProtocolConfig:
 @dataclass
 class ModelConfig:
     # auto: resnet32 for 32x32 datasets, resnet18 (not pretrained) for 224 inputs.
-    backbone: str = bounded("auto", choices=("auto", "resnet32", "resnet18"))
+    backbone: str = bounded("auto", choices=registered("method.backbones", "BACKBONES", "auto"))
 
 
 @dataclass
@@ -87,7 +100,7 @@ class TrainConfig:
 class MemoryConfig:
     # per_class: E exemplars per seen class (growing memory, the paper's default);
     # total: a fixed total split evenly over seen classes; none: no memory.
-    budget: str = bounded("per_class", choices=("per_class", "total", "none"))
+    budget: str = bounded("per_class", choices=registered("method.memory", "BUDGETS"))
     per_class: int = bounded(20, ge=1)
     total: int = bounded(2000, ge=1)
     selection: str = bounded("herding", choices=("herding", "random"))
@@ -113,7 +126,7 @@ class DGRConfig:
 
 @dataclass
 class LearnerConfig:
-    name: str = bounded("dgr", choices=("dgr", "finetune", "replay", "lwf", "icarl", "wa"))
+    name: str = bounded("dgr", choices=registered("method.learners", "LEARNERS"))
     # Temperature of the plain KD of lwf / icarl / wa.
     kd_temperature: float = bounded(2.0, gt=0.0)
     # After each task, retrain the classifier on a class-balanced sample, backbone frozen.

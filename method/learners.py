@@ -63,7 +63,8 @@ class Learner:
     """Replay with cross-entropy: the base every learner refines."""
 
     name = "base"
-    uses_memory = True
+    uses_memory = True  # trains on the exemplar memory from task 1 on
+    needs_memory = True  # refused with memory.budget none
     distills = False  # needs the frozen model of the previous task
     nearest_mean = False  # iCaRL's test-time classifier
 
@@ -95,11 +96,13 @@ class Replay(Learner):
 @register("finetune")
 class Finetune(Learner):
     uses_memory = False
+    needs_memory = False
 
 
 @register("lwf")
 class LwF(Learner):
     distills = True
+    needs_memory = False  # distillation alone, or with replay when a budget is given
 
 
 @register("icarl")

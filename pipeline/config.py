@@ -18,6 +18,7 @@ import pydantic
 import yaml
 
 from method.config import DATASET_FACTS, RunConfig, resolve_dataset_defaults
+from method.learners import LEARNERS
 
 
 # Where the data lives when neither --data-root nor the config says.
@@ -144,11 +145,12 @@ def _check_rules(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"memory.total: {cfg.memory.total} is below one exemplar per class ({seen_at_end} classes)"
             )
-    if cfg.memory.budget == "none" and cfg.learner.name not in ("finetune", "lwf"):
+    learner = LEARNERS[cfg.learner.name]
+    if cfg.memory.budget == "none" and learner.needs_memory:
         raise ConfigError(f"memory.budget: learner {cfg.learner.name} needs exemplars (budget 'none' given)")
-    if cfg.learner.name == "finetune" and cfg.memory.budget != "none":
-        # finetune is defined as learning without memory; say so rather than silently ignore.
-        raise ConfigError("memory.budget: learner finetune keeps no memory; set memory.budget=none")
+    if not learner.uses_memory and cfg.memory.budget != "none":
+        # A learner defined as learning without memory: say so rather than silently ignore it.
+        raise ConfigError(f"memory.budget: learner {cfg.learner.name} keeps no memory; set memory.budget=none")
     if cfg.train.cuda_graph and cfg.device == "cpu":
         raise ConfigError("train.cuda_graph: CUDA graphs need device cuda (or auto on a CUDA machine), not cpu")
     source = cfg.data.source
@@ -170,8 +172,10 @@ def _check_bounds(obj: Any, prefix: str) -> None:
         if value is None:
             continue
         meta = f.metadata
-        if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{key}: must be one of {', '.join(meta['choices'])} (got {value!r})")
+        choices = meta.get("choices")
+        choices = choices() if callable(choices) else choices
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)} (got {value!r})")
         for name, ok, word in (
             ("ge", lambda v, b: v >= b, ">="),
             ("gt", lambda v, b: v > b, ">"),

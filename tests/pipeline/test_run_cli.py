@@ -1,6 +1,6 @@
 """`imbcil run` end to end on real CIFAR-10-LT, read back through MlflowClient."""
 
-import io
+import math
 import os
 import signal
 import subprocess
@@ -226,3 +226,37 @@ def test_a_config_file_that_is_not_text_is_one_line_and_exit_2(tmp_path):
     lines = [line for line in output.splitlines() if line.strip()]
     assert code == 2 and lines == [f"error: {garbage}: not a text file (a YAML config is UTF-8 text)"], output
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.fixture
+def toy_learner():
+    """A learner written outside the package: registering it is all it takes to run it."""
+    import torch.nn.functional as F
+
+    from method.learners import LEARNERS, Learner, register
+
+    @register("toy_half_ce")
+    class HalfCrossEntropy(Learner):
+        uses_memory = needs_memory = False
+
+        def loss_terms(self, logits, old_logits, targets):
+            return {"ce": 0.5 * F.cross_entropy(logits, targets)}
+
+    yield "toy_half_ce"
+    LEARNERS.pop("toy_half_ce")
+
+
+def test_a_learner_registered_in_a_test_runs_end_to_end(tmp_path, data_root, toy_learner):
+    code, output = invoke(
+        "run", REPO / "configs/quickstart.yaml", *TINY, f"learner.name={toy_learner}", "memory.budget=none",
+        "--data-root", data_root, "--tracking-uri", sqlite_uri(tmp_path),
+    )  # fmt: skip
+    assert code == 0, output
+    client = MlflowClient(sqlite_uri(tmp_path))
+    run = only_run(client)
+    assert run.data.params["learner.name"] == toy_learner and run.data.tags["imbcil.last_phase"] == str(PHASES - 1)
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == PHASES and all(math.isfinite(v) for v in losses)
+    # The registry is the only list of names: one not registered is refused like any typo.
+    code, output = invoke("run", REPO / "configs/quickstart.yaml", *TINY, "learner.name=toy_unregistered", "--data-root", data_root)
+    assert code == 2 and "learner.name: must be one of replay, finetune, lwf, icarl, wa, dgr, toy_half_ce (got" in output
