@@ -63,7 +63,7 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides
 @app.command(
     epilog=(
         "Examples:\n\n"
-        "  imbcil run configs/quick.yaml --data-root ../shared/data\n\n"
+        "  imbcil run configs/quickstart.yaml --data-root ../shared/data\n\n"
         "  imbcil run configs/quick.yaml train.epochs=2 learner.name=replay\n\n"
         "  imbcil run --resume 3f2a... --data-root ../shared/data"
     )

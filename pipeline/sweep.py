@@ -90,6 +90,7 @@ from pipeline.sweep_config import (
 from pipeline.runtime import absolute_store_uri, error_line, scoped_env, start_local_ray
 from pipeline.sweep_search import REPORTED_AT, make_scheduler, make_searcher
 from pipeline.tracking import (
+    PARAM_VALUE_LIMIT,
     RunTracker,
     error_tag_value,
     TrackingError,
@@ -977,7 +978,7 @@ def _new_tuner(spec: SweepSpec, trainable, storage_dir: Path, experiment_dir: Pa
         trainable,
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-            search_alg=make_searcher(spec.optuna_space(), t.metric, t.mode, t.searcher_seed, t.max_concurrent),
+            search_alg=make_searcher(spec.optuna_space(), t.metric, t.mode, t.searcher_seed, t.max_concurrent, t.points_to_evaluate),
             scheduler=make_scheduler(t.scheduler, spec.max_phases, t.grace_period, t.reduction_factor),
             trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
             # A worker process runs one trial after another: no new interpreter, imports or data.
@@ -1050,7 +1051,7 @@ def _open_parent_run(uri: str, experiment: str, spec: SweepSpec, experiment_dir:
     parent = RunTracker(uri, experiment, run_name=spec.name, tags=tags)
     try:
         client, run_id = parent.retrying, parent.run_id
-        params = [Param(f"tune.{k}", str(v)) for k, v in dataclasses.asdict(spec.tune).items()]
+        params = [Param(f"tune.{k}", str(v)[:PARAM_VALUE_LIMIT]) for k, v in dataclasses.asdict(spec.tune).items()]
         params += [Param(f"space.{k}", d.describe()) for k, d in spec.space.items()]
         client.log_batch(run_id, params=params[:100], synchronous=True)
         client.log_text(run_id, spec.source_text or yaml.safe_dump(spec.to_dict(), sort_keys=False), "sweep_file.yaml")

@@ -108,6 +108,9 @@ class TuneSettings:
     # Ray retries a trial that raised this many times, from its last checkpoint.
     max_failures: int = 1
     name: str = ""
+    # Points Optuna proposes first, in order, each giving every searched key (a warm start, or
+    # the exact trials a test needs); then TPE proposes the rest.
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -427,6 +430,28 @@ def _parse_tune(raw: Any, default_name: str) -> TuneSettings:
     return settings
 
 
+def _check_points(spec: SweepSpec) -> None:
+    points = spec.tune.points_to_evaluate
+    if not isinstance(points, list):
+        raise ConfigError(f"tune.points_to_evaluate: expected a list of points (got {type(points).__name__})")
+    base = config_to_dict(spec.base)
+    for i, point in enumerate(points):
+        where = f"tune.points_to_evaluate[{i}]"
+        if not isinstance(point, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of searched keys to values (got {point!r})")
+        missing, extra = set(spec.space) - set(point), set(point) - set(spec.space)
+        if missing or extra:
+            what = f"missing {', '.join(sorted(missing))}" if missing else f"{', '.join(sorted(extra))} not searched"
+            raise ConfigError(f"{where}: give a value for every searched key and no other ({what})")
+        for key, value in point.items():
+            if not spec.space[key].contains(value):
+                raise ConfigError(f"{where}.{key}: {value!r} is outside space.{key} ({spec.space[key].describe()})")
+        try:
+            trial_config(base, point)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: gives an invalid run config: {exc}") from None
+
+
 def _choice(key: str, value: Any, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
@@ -472,6 +497,7 @@ def test_selection_warning(spec: SweepSpec) -> str | None:
 
 def _check_tune_against_config(spec: SweepSpec) -> None:
     tune = spec.tune
+    _check_points(spec)
     phases = spec.max_phases
     if tune.scheduler != "none" and tune.grace_period > phases:
         raise ConfigError(

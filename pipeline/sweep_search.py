@@ -179,8 +179,13 @@ class ResumableMedianStoppingRule(_ReplaysRecord, MedianStoppingRule):
         return super().on_trial_result(tune_controller, trial, result)
 
 
-def make_searcher(space: dict, metric: str, mode: str, seed: int, max_concurrent: int) -> ResumableConcurrencyLimiter:
-    searcher = PhaseAwareOptunaSearch(space=space, metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed))
+def make_searcher(
+    space: dict, metric: str, mode: str, seed: int, max_concurrent: int, points_to_evaluate: Optional[list[dict]] = None
+) -> ResumableConcurrencyLimiter:
+    searcher = PhaseAwareOptunaSearch(
+        space=space, metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed),
+        points_to_evaluate=[dict(p) for p in points_to_evaluate or []] or None,
+    )  # fmt: skip
     return ResumableConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 

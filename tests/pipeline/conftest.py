@@ -29,19 +29,27 @@ TINY_BASE = {
 }
 PHASES = 3
 # The phase-0 loss depends on the learning rate alone (distillation and memory start in phase 1):
-# 1.24 at lr 0.05, 4.34 at lr 30, NaN at 1e20. Seed 50 makes TPE's first four (random) proposals
-# 0.05, 0.05, 30, 1e20: the two 0.05 trials tie at ASHA's first rung and go on, the lr-30 trial
-# meets that rung later, worse, and is stopped after phase 0, and the 1e20 trial diverges.
+# 1.24 at lr 0.05, 4.34 at lr 30, NaN at 1e20. The sweep proposes these four points first, in
+# this order (two at a time): the two 0.05 trials tie at ASHA's first rung and go on, the lr-30
+# trial meets that rung later, worse, and is stopped after phase 0, and the 1e20 trial diverges.
 GOOD_LR, BAD_LR, DIVERGING_LR = 0.05, 30.0, 1.0e20
 TINY_SPACE = {
     "train.lr": {"categorical": [GOOD_LR, BAD_LR, DIVERGING_LR]},
     "learner.dgr.lambda_b": {"uniform": [0.1, 2.0]},
     "memory.per_class": {"int": [5, 30]},
 }
+TINY_POINTS = [
+    {"train.lr": GOOD_LR, "learner.dgr.lambda_b": 0.5, "memory.per_class": 10},
+    {"train.lr": GOOD_LR, "learner.dgr.lambda_b": 1.5, "memory.per_class": 20},
+    {"train.lr": BAD_LR, "learner.dgr.lambda_b": 1.0, "memory.per_class": 15},
+    {"train.lr": DIVERGING_LR, "learner.dgr.lambda_b": 0.7, "memory.per_class": 25},
+]
+# The sweep tests hold whatever seed Optuna is given: IMBCIL_TEST_SEARCHER_SEED=123 pytest ... shows it.
+SEARCHER_SEED = int(os.environ.get("IMBCIL_TEST_SEARCHER_SEED", "0"))
 TINY_TUNE = {
     "name": "tiny", "metric": "loss", "mode": "min", "num_samples": 4, "max_concurrent": 2,
-    "searcher_seed": 50, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
-    "resources_per_trial": {"cpu": 1}, "max_failures": 1,
+    "searcher_seed": SEARCHER_SEED, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+    "resources_per_trial": {"cpu": 1}, "max_failures": 1, "points_to_evaluate": TINY_POINTS,
 }  # fmt: skip
 
 

@@ -281,7 +281,7 @@ def test_proposals_lie_in_the_space_and_differ(tiny_sweep, sweep_kit):
         assert cfg == expected, trial_id
         points.append(point)
     assert len(set(points)) == 4
-    assert sorted(p[0] for p in points) == [good_lr, good_lr, bad_lr, diverging_lr]  # seed 50, see conftest
+    assert sorted(p[0] for p in points) == [good_lr, good_lr, bad_lr, diverging_lr]  # the sweep's points, see conftest
 
 
 @pytest.mark.e2e
@@ -410,7 +410,7 @@ def finished_trial_runs(uri: str, experiment: str):
 @pytest.mark.e2e
 def test_a_killed_sweep_resumes_without_rerunning_or_duplicating_trials(tmp_path, data_root, sweep_kit):
     kit, phases = sweep_kit, sweep_kit.phases
-    tune = {**kit.tune, "name": "resumable", "num_samples": 3, "scheduler": "none", "metric": "avg_incremental_acc", "mode": "max"}
+    tune = {**kit.tune, "name": "resumable", "num_samples": 3, "scheduler": "none", "metric": "avg_incremental_acc", "mode": "max", "points_to_evaluate": []}
     space = {"train.lr": {"categorical": [kit.good_lr]}, "learner.dgr.lambda_b": {"uniform": [0.1, 2.0]}}
     sweep_file = kit.write_sweep(tmp_path / "resumable.yaml", space=space, tune=tune)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -453,16 +453,18 @@ def test_a_killed_sweep_resumes_without_rerunning_or_duplicating_trials(tmp_path
 # Selection on validation, and a resumed sweep that decides as the uninterrupted one
 
 
+# A good and a bad learning rate first, so that ASHA has a trial to stop; then three of TPE's own.
 ONE_AT_A_TIME = {
     "name": "steady", "metric": "val_avg_incremental_acc", "mode": "max", "num_samples": 5, "max_concurrent": 1,
-    "searcher_seed": 7, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
-    "resources_per_trial": {"cpu": 1}, "max_failures": 1,
+    "scheduler": "asha", "grace_period": 1, "reduction_factor": 2, "resources_per_trial": {"cpu": 1}, "max_failures": 1,
+    "points_to_evaluate": [{"train.lr": 0.05, "learner.dgr.lambda_b": 1.0}, {"train.lr": 30.0, "learner.dgr.lambda_b": 1.0}],
 }  # fmt: skip
-STEADY_SPACE = {"train.lr": {"loguniform": [0.005, 0.5]}, "learner.dgr.lambda_b": {"uniform": [0.1, 2.0]}}
+STEADY_SPACE = {"train.lr": {"loguniform": [0.005, 30.0]}, "learner.dgr.lambda_b": {"uniform": [0.1, 2.0]}}
 
 
 def sweep_args(kit, folder: Path, data_root):
-    sweep_file = kit.write_sweep(folder / "steady.yaml", space=STEADY_SPACE, tune=ONE_AT_A_TIME)
+    tune = {**ONE_AT_A_TIME, "searcher_seed": kit.tune["searcher_seed"]}
+    sweep_file = kit.write_sweep(folder / "steady.yaml", space=STEADY_SPACE, tune=tune)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     return uri, ["sweep", sweep_file, "--data-root", data_root, "--storage", folder / "ray_results", "--tracking-uri", uri]
 
@@ -566,3 +568,18 @@ def test_a_failed_trials_error_tag_is_redacted_like_every_other_tag():
     assert client.status == "FAILED" and "s3cret" not in tag and "hunter2" not in tag
     assert "http://alice:***@tracking.example:5000/api" in tag and "password=***" in tag
     assert len(tag) <= 500 and "\n" not in tag
+
+
+def test_points_to_evaluate_are_checked_against_the_space(sweep_kit):
+    good = sweep_kit.tune["points_to_evaluate"][0]
+    cases = [
+        ([{"train.lr": 0.05}], "tune.points_to_evaluate[0]: give a value for every searched key and no other (missing"),
+        ([{**good, "train.momentum": 0.5}], "tune.points_to_evaluate[0]: give a value for every searched key and no other (train.momentum not searched)"),
+        ([good, {**good, "memory.per_class": 99}], "tune.points_to_evaluate[1].memory.per_class: 99 is outside space.memory.per_class (int(5, 30))"),
+        ("0.05", "tune.points_to_evaluate: expected a list of points"),
+    ]
+    for points, expected in cases:
+        with pytest.raises(ConfigError) as info:
+            spec(sweep_kit, tune={**sweep_kit.tune, "points_to_evaluate": points})
+        assert str(info.value).startswith(expected), str(info.value)
+    assert spec(sweep_kit).tune.points_to_evaluate[0] == good
