@@ -23,6 +23,7 @@ from method.backbones import IncrementalNet
 from method.batches import image_source
 from method.config import RunConfig, resolve_dataset_defaults
 from method.data import Benchmark, build_benchmark
+from method.events import BatchDone, EpochDone, PhaseDone, PhaseStarted, ProgressCallback
 from method.graphs import graph_inference, graph_training_forward
 from method.learners import TaskContext, make_learner
 from method.memory import ExemplarMemory, budget_per_class, herding_order, random_order
@@ -41,7 +42,6 @@ from method.metrics import (
 )
 from method.results import PhaseResult
 
-ProgressCallback = Callable[[dict[str, Any]], None]
 STATE_FORMAT = 1
 
 
@@ -265,7 +265,7 @@ class IncrementalTrainer:
         bench, cfg = self.benchmark, self.cfg
         num_old = sum(self.task_sizes[:task])
         num_seen = num_old + self.task_sizes[task]
-        self.progress({"event": "phase_start", "phase": task, "num_phases": bench.num_tasks})
+        self.progress(PhaseStarted(task, bench.num_tasks))
         self.model.add_head(self.task_sizes[task])
 
         new_indices = torch.as_tensor(bench.task_indices(bench.train, [task]))
@@ -294,7 +294,7 @@ class IncrementalTrainer:
             phase_seconds=time.perf_counter() - phase_start,
         )
         result.state = self._state(task)
-        self.progress({"event": "phase_end", "phase": task, "metrics": dict(result.metrics)})
+        self.progress(PhaseDone(task, bench.num_tasks, dict(result.metrics)))
         return result
 
     def _task_context(self, task: int, num_old: int, num_seen: int, memory_indices: torch.Tensor, n_new: int) -> TaskContext:
@@ -344,16 +344,15 @@ class IncrementalTrainer:
                 loss_sum += training_step(
                     self.model, teacher, self.learner, x, y, optimizer, self._autocast, backbone=backbone
                 )
-                self.progress({"event": "batch", "phase": task, "epoch": epoch, "batch": batch + 1, "batches": batches_per_epoch})
+                self.progress(BatchDone(task, epoch + 1, batch + 1, batches_per_epoch))
             schedule.step()
             epoch_loss = float(loss_sum) / batches_per_epoch  # one host read per epoch
             if not math.isfinite(epoch_loss):
                 raise NonFiniteLossError(f"training loss became {epoch_loss} in phase {task}, epoch {epoch}")
-            event = {"event": "epoch_end", "phase": task, "epoch": epoch + 1, "epochs": train.epochs,
-                     "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"]}
+            val_acc = None
             if train.validate_every_epoch and self.val_images is not None:
-                event["val_acc"] = self._validation_accuracy(ctx.num_seen)
-            self.progress(event)
+                val_acc = self._validation_accuracy(ctx.num_seen)
+            self.progress(EpochDone(task, epoch + 1, train.epochs, epoch_loss, optimizer.param_groups[0]["lr"], val_acc))
         return epoch_loss, train.epochs * len(indices)
 
     def _graphed_forwards(self, sample: torch.Tensor) -> tuple[Callable, Optional[Callable]]:

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from method.events import BatchDone, EpochDone, PhaseDone, PhaseStarted, ProgressEvent, phase_label
+
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -22,6 +24,7 @@ class ProgressDisplay:
         self.live = console.is_terminal if live is None else live
         self.progress: Progress | None = None
         self.phase_task = self.epoch_task = None
+        self.num_phases = 0
 
     def __enter__(self) -> "ProgressDisplay":
         if self.live:
@@ -36,42 +39,41 @@ class ProgressDisplay:
         if self.progress is not None:
             self.progress.stop()
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
+    def __call__(self, event: ProgressEvent) -> None:
         if self.progress is None:
             self._plain(event)
             return
         p = self.progress
-        if kind == "phase_start":
+        if isinstance(event, PhaseStarted):
             if self.phase_task is None:
-                self.phase_task = p.add_task(f"{self.label} phases", total=event["num_phases"], info="")
-            p.update(self.phase_task, completed=event["phase"])
+                self.phase_task = p.add_task(f"{self.label} phases", total=event.num_phases, info="")
+            p.update(self.phase_task, completed=event.phase)
             if self.epoch_task is not None:
                 p.remove_task(self.epoch_task)
-            self.epoch_task = p.add_task(f"phase {event['phase']} batches", total=None, info="")
-        elif kind == "batch":
-            p.update(self.epoch_task, total=event["batches"], completed=event["batch"],
-                     description=f"phase {event['phase']} epoch {event['epoch'] + 1}")
-        elif kind == "epoch_end":
-            info = f"loss {event['loss']:.4f} lr {event['lr']:.4g}"
-            if "val_acc" in event:
-                info += f" val {event['val_acc']:.2f}%"
+            self.epoch_task = p.add_task(f"{phase_label(event.phase, event.num_phases)} batches", total=None, info="")
+            self.num_phases = event.num_phases
+        elif isinstance(event, BatchDone):
+            p.update(self.epoch_task, total=event.batches, completed=event.batch,
+                     description=f"{phase_label(event.phase, self.num_phases)} epoch {event.epoch}")
+        elif isinstance(event, EpochDone):
+            info = f"loss {event.loss:.4f} lr {event.lr:.4g}"
+            if event.val_acc is not None:
+                info += f" val {event.val_acc:.2f}%"
             p.update(self.epoch_task, info=info)
-        elif kind == "phase_end":
-            m = event["metrics"]
-            p.update(self.phase_task, completed=event["phase"] + 1,
+        elif isinstance(event, PhaseDone):
+            m = event.metrics
+            p.update(self.phase_task, completed=event.phase + 1,
                      info=f"acc {m['acc']:.2f}%  avg inc {m['avg_incremental_acc']:.2f}%")
 
-    def _plain(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
+    def _plain(self, event: ProgressEvent) -> None:
         prefix = f"[{self.label}] " if self.label else ""
-        if kind == "phase_start":
-            print(f"{prefix}phase {event['phase']}/{event['num_phases'] - 1}", flush=True)
-        elif kind == "epoch_end":
-            extra = f" val {event['val_acc']:.2f}%" if "val_acc" in event else ""
-            print(f"{prefix}  epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.4f} lr {event['lr']:.4g}{extra}", flush=True)
-        elif kind == "phase_end":
-            m = event["metrics"]
+        if isinstance(event, PhaseStarted):
+            print(f"{prefix}{phase_label(event.phase, event.num_phases)}", flush=True)
+        elif isinstance(event, EpochDone):
+            extra = f" val {event.val_acc:.2f}%" if event.val_acc is not None else ""
+            print(f"{prefix}  epoch {event.epoch}/{event.epochs} loss {event.loss:.4f} lr {event.lr:.4g}{extra}", flush=True)
+        elif isinstance(event, PhaseDone):
+            m = event.metrics
             print(f"{prefix}  acc {m['acc']:.2f}%  avg incremental {m['avg_incremental_acc']:.2f}%  "
                   f"val avg incremental {_fmt(m.get('val_avg_incremental_acc'))}%  "
                   f"({m['train_images_per_s']:.0f} img/s, {m['phase_seconds']:.1f} s)", flush=True)

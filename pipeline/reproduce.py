@@ -24,7 +24,8 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from method.config import RunConfig, paper_budget, protocol_name
-from method.data import RawData, build_benchmark, load_raw
+from method.data import build_benchmark
+from method.events import PhaseDone, ProgressCallback, ProgressEvent, phase_label
 from pipeline import report
 from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, dump_yaml, resolve, validate
@@ -38,7 +39,7 @@ from pipeline.names import (
     REPRODUCTION_TABLE_FILE,
 )
 from pipeline.run import train_tracked
-from pipeline.runtime import absolute_store_uri, exception_line, start_local_ray
+from pipeline.runtime import absolute_store_uri, decoded_data, exception_line, forget_decoded_data, start_local_ray
 from pipeline.tracking import (
     RunTracker,
     TrackingError,
@@ -229,17 +230,6 @@ def _command_line(plan: Plan, overrides: Sequence[str], data_root: Optional[str]
 
 # Decoded datasets per (dataset, source, root), kept for the next run in the same process: a Ray
 # worker process runs several seeds in a row, and decoding CIFAR-10 takes seconds.
-_RAW_CACHE: dict[tuple, RawData] = {}
-
-
-def _raw_data(cfg: RunConfig) -> RawData:
-    key = (cfg.data.dataset, cfg.data.source, cfg.data.root, cfg.data.download)
-    if key not in _RAW_CACHE:
-        _RAW_CACHE.clear()  # one dataset at a time: a reproduction has one setting
-        _RAW_CACHE[key] = load_raw(cfg.data)
-    return _RAW_CACHE[key]
-
-
 @dataclass
 class SeedJob:
     config_name: str
@@ -250,17 +240,13 @@ class SeedJob:
         return f"{self.config_name} seed {self.cfg.seed}"
 
 
-def phase_printer(label: str) -> Callable[[dict[str, Any]], None]:
+def phase_printer(label: str) -> ProgressCallback:
     """One line per finished phase: several runs share the terminal, so epochs stay quiet."""
-    phases = {"n": 0}
-
-    def callback(event: dict[str, Any]) -> None:
-        if event["event"] == "phase_start":
-            phases["n"] = event["num_phases"]
-        elif event["event"] == "phase_end":
-            m = event["metrics"]
+    def callback(event: ProgressEvent) -> None:
+        if isinstance(event, PhaseDone):
+            m = event.metrics
             print(
-                f"[{label}] phase {event['phase'] + 1}/{phases['n']}: acc {m['acc']:.2f}%  "
+                f"[{label}] {phase_label(event.phase, event.num_phases)}: acc {m['acc']:.2f}%  "
                 f"avg incremental {m['avg_incremental_acc']:.2f}%  ({m['phase_seconds']:.0f} s)",
                 flush=True,
             )
@@ -271,7 +257,7 @@ def phase_printer(label: str) -> Callable[[dict[str, Any]], None]:
 def run_seed(job: SeedJob, tracking_uri: str, experiment: str, parent_run_id: str) -> report.SeedResult:
     """Train one config on one seed as a child run of the reproduction."""
     cfg = job.cfg
-    benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=_raw_data(cfg))
+    benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=decoded_data(cfg.data))
     tags = {KIND_TAG: REPRODUCTION_RUN_KIND, CONFIG_NAME_TAG: job.config_name}
     tracker = RunTracker(tracking_uri, experiment, run_name=job.label, parent_run_id=parent_run_id, tags=tags)
     with tracker:
@@ -420,7 +406,7 @@ def check_inputs(plan: Plan, cpus_per_run: float, gpus_per_run: Optional[float])
     `imbcil check`'s preflight (store and its schema, artifacts, the cluster and data on its
     nodes), then the output folder."""
     for entry in plan.entries:
-        build_benchmark(entry.cfg.data, entry.cfg.protocol, plan.seeds[0], raw=_raw_data(entry.cfg))
+        build_benchmark(entry.cfg.data, entry.cfg.protocol, plan.seeds[0], raw=decoded_data(entry.cfg.data))
     resources = {"cpu": cpus_per_run, "gpu": gpus_per_run or 0.0}
     results = preflight(plan.tracking_uri, address=plan.address, cfg=plan.entries[0].cfg, resources_per_trial=resources)
     raise_on_failure(results)
@@ -499,7 +485,7 @@ def reproduce(
     at_once = parallel if parallel is not None else max(1, int(cpus // max(cpus_per_run, 1e-9)))
     use_ray = plan.address is not None or (len(jobs) > 1 and at_once > 1)
     if use_ray:
-        _RAW_CACHE.clear()  # the workers decode their own copy
+        forget_decoded_data()  # the workers decode their own copy
         local_cpus = max(1, math.ceil(min(at_once, len(jobs)) * cpus_per_run))
         executor: Any = RayTasks(plan.address, local_cpus)
     else:

@@ -13,7 +13,8 @@ from typing import Callable, Optional
 from method.config import RunConfig
 from method.data import Benchmark, build_benchmark
 from method.results import PhaseResult
-from method.trainer import IncrementalTrainer, ProgressCallback
+from method.events import ProgressCallback
+from method.trainer import IncrementalTrainer
 from pipeline.config import ConfigError, config_from_dict, config_to_dict, flatten, read_yaml, resolve, resolve_dict
 from pipeline.tracking import RunTracker, TrackingError, check_tracking, resolve_tracking_uri
 

@@ -12,7 +12,11 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
+
+if TYPE_CHECKING:
+    from method.config import DataConfig
+    from method.data import RawData
 
 # The environment is process-wide: one lock keeps two threads' changes from undoing each other.
 _ENV_LOCK = threading.RLock()
@@ -121,3 +125,25 @@ def exception_line(exc: BaseException, limit: int = ERROR_LINE_LIMIT) -> str:
 def shorten(text: str, limit: int) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# The decoded dataset of the last run this process trained: a sweep's worker runs one trial after
+# another and a reproduction one seed after another on the same data, and skip the seconds of
+# reading and decoding. One entry bounds the memory.
+_DECODED: dict[tuple, "RawData"] = {}
+
+
+def decoded_data(data: "DataConfig") -> "RawData":
+    """The dataset `data` names, decoded once per process."""
+    from method.data import load_raw, resolve_source  # torch: only for the verbs that train
+
+    key = (data.dataset, resolve_source(data), data.root, data.download)
+    if key not in _DECODED:
+        _DECODED.clear()
+        _DECODED[key] = load_raw(data)
+    return _DECODED[key]
+
+
+def forget_decoded_data() -> None:
+    """Drop the cached dataset (before handing the work to processes that decode their own)."""
+    _DECODED.clear()

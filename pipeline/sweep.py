@@ -41,8 +41,9 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
-from method.config import RunConfig, protocol_name
-from method.data import DataError, RawData, build_benchmark, load_raw, no_data_root, resolve_source
+from method.config import protocol_name
+from method.data import DataError, build_benchmark, no_data_root
+from method.events import phase_label
 from method.results import METRIC_NAMES, PhaseResult, reported_beside
 from method.trainer import NonFiniteLossError
 from pipeline.check import preflight, raise_on_failure
@@ -87,7 +88,7 @@ from pipeline.sweep_config import (
     test_selection_warning,
     trial_config,
 )
-from pipeline.runtime import absolute_store_uri, error_line, scoped_env, start_local_ray
+from pipeline.runtime import absolute_store_uri, decoded_data, error_line, scoped_env, start_local_ray
 from pipeline.sweep_search import REPORTED_AT, make_scheduler, make_searcher
 from pipeline.tracking import (
     PARAM_VALUE_LIMIT,
@@ -159,7 +160,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     if last is None or last < num_phases - 1:
         # Loaded before a new MLflow run exists: a driver killed during these seconds leaves no
         # run behind for a trial that Ray's snapshot may not hold.
-        benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=_raw_data(cfg))
+        benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=decoded_data(cfg.data))
     if tracker is None:
         client = MlflowClient(context.tracking_uri)
         run_id = _find_trial_run(client, context, trial_id) or _adopt_orphan(client, context, trial_id, config)
@@ -184,20 +185,6 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     # A SystemExit (Tune stopping the trial inside report) passes through untouched: the driver
     # ends the MLflow run, because the worker may be killed before it could.
     tracker.finish("FINISHED")
-
-
-# The decoded dataset of the last trial this worker ran. Tune reuses a worker for the next trial
-# (reuse_actors), which then skips the seconds of reading and decoding; one entry bounds memory.
-_RAW_CACHE: dict[tuple, RawData] = {}
-
-
-def _raw_data(cfg: RunConfig) -> RawData:
-    data = cfg.data
-    key = (data.dataset, resolve_source(data), data.root)
-    if key not in _RAW_CACHE:
-        _RAW_CACHE.clear()
-        _RAW_CACHE[key] = load_raw(data)
-    return _RAW_CACHE[key]
 
 
 def _params_json(params: Mapping[str, Any]) -> str:
@@ -382,7 +369,7 @@ class _LiveSweep:
             return
         value = result.get(self.spec.tune.metric, math.nan)
         self.say(
-            f"trial {trial.trial_id} phase {int(result['phase']) + 1}/{int(result['num_phases'])}: "
+            f"trial {trial.trial_id} {phase_label(int(result['phase']), int(result['num_phases']))}: "
             f"{self.spec.tune.metric} {_short(value)}"
         )
 

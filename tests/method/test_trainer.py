@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from method.config import RunConfig, resolve_dataset_defaults
+from method.events import BatchDone, EpochDone, PhaseDone, PhaseStarted
 from method.data import build_benchmark
 from method.results import METRIC_NAMES
 from method.trainer import IncrementalTrainer
@@ -62,8 +63,11 @@ def test_phase_results_hold_every_metric_and_a_consistent_matrix(data_root, benc
     # memory: 20 per class, or the whole class when it is smaller
     for count, memory in zip(last.per_class["train_count"], last.per_class["memory_count"]):
         assert memory == min(20, count)
-    kinds = {e["event"] for e in events}
-    assert {"phase_start", "batch", "epoch_end", "phase_end"} <= kinds
+    assert {type(e) for e in events} == {PhaseStarted, BatchDone, EpochDone, PhaseDone}
+    # One numbering: phases by index (as MLflow's step), epochs and batches from 1.
+    assert [e.phase for e in events if isinstance(e, PhaseStarted)] == [0, 1, 2, 3, 4]
+    assert {e.epoch for e in events if isinstance(e, (BatchDone, EpochDone))} == {1}
+    assert min(e.batch for e in events if isinstance(e, BatchDone)) == 1
 
 
 def test_resume_from_a_saved_phase_gives_the_same_results(data_root, benchmark_factory):

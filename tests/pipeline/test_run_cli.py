@@ -189,11 +189,11 @@ def test_ctrl_c_ends_the_run_killed_with_exit_130(tmp_path, data_root):
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     seen = []
     try:
-        # Interrupt as phase 1 starts (its progress line), not when MLflow shows phase 0: a
-        # reader polling a busy SQLite file may see that only after the run has ended.
+        # Interrupt as the second phase starts (its progress line), not when MLflow shows the
+        # first: a reader polling a busy SQLite file may see that only after the run has ended.
         for line in process.stdout:
             seen.append(line)
-            if line.startswith("[run] phase 1/"):
+            if line.startswith("[run] phase 2/"):
                 process.send_signal(signal.SIGINT)
                 break
         rest, _ = process.communicate(timeout=120)
