@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 from method.data import build_benchmark, load_raw  # noqa: E402
 from method.trainer import IncrementalTrainer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.sweep import summarise_trials  # noqa: E402
-from pipeline.sweep_config import RESULTS_DIR, SPEC_FILE, TRIAL_CONFIG_DIR, spec_from_resolved  # noqa: E402
+from pipeline.sweep.results import summarise_trials  # noqa: E402
+from pipeline.sweep.spec import RESULTS_DIR, SPEC_FILE, TRIAL_CONFIG_DIR, spec_from_resolved  # noqa: E402
 
 
 def run_sweep(sweep_file: Path, data_root: str, workdir: Path) -> tuple[Path, float]:

@@ -781,7 +781,7 @@ def check_command(
     if path is not None:
         raw = read_yaml(path)
         if isinstance(raw, dict) and ({"base", "space", "tune"} & set(raw)):
-            from pipeline.sweep_config import load_sweep
+            from pipeline.sweep.spec import load_sweep
 
             spec = load_sweep(path, overrides, data_root=data_root)
             cfg, resources = spec.base, spec.tune.resources_per_trial

@@ -239,7 +239,8 @@ def sweep_cmd(
     from rich.console import Console
 
     from method.results import reported_beside
-    from pipeline.sweep import SweepError, leaderboard_table, sweep_command
+    from pipeline.sweep.driver import SweepError, sweep_command
+    from pipeline.sweep.results import leaderboard_table
 
     def say(line: str) -> None:
         print(line, flush=True)  # one unwrapped line each: these are log lines, not a layout

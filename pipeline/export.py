@@ -38,7 +38,7 @@ from pipeline.names import (
     TRIAL_ID_TAG,
     TRIAL_KIND,
 )
-from pipeline.sweep_config import MODES
+from pipeline.sweep.spec import MODES
 from pipeline.tracking import redact_uri, resolve_tracking_uri
 
 

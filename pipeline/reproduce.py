@@ -462,7 +462,7 @@ def _log_parent_setup(parent: RunTracker, plan: Plan) -> None:
         "protocol": protocol_name(first),
     }
     try:
-        client.log_batch(run_id, params=[Param(k, v[:500]) for k, v in params.items()], synchronous=True)
+        client.log_batch(run_id, params=[Param(k, v[:500]) for k, v in params.items()])
         for entry in plan.entries:
             safe = _PATH_UNSAFE.sub("_", entry.config_name)
             client.log_text(run_id, dump_yaml(entry.cfg), f"configs/{safe}.yaml")
@@ -555,7 +555,7 @@ def _run_all(plan: Plan, jobs: list[SeedJob], executor: Any, cpus: float, gpus: 
         try:
             metrics = aggregate_metrics(summaries, several=len(plan.entries) > 1)
             for start_at in range(0, len(metrics), 1000):
-                parent.retrying.log_batch(parent.run_id, metrics=metrics[start_at : start_at + 1000], synchronous=True)
+                parent.retrying.log_batch(parent.run_id, metrics=metrics[start_at : start_at + 1000])
             for name in (REPRODUCTION_TABLE_FILE, REPORT_FILE, REPORT_PLOT_FILE):
                 if (plan.output_dir / name).is_file():
                     parent.retrying.log_artifact(parent.run_id, str(plan.output_dir / name))

@@ -907,26 +907,62 @@ class RunTracker:
 
 
 class RetryingClient:
-    """An MlflowClient whose calls ride out an outage within the tracker's bound (RunTracker._call).
+    """The MLflow calls a driver makes around runs, each riding out an outage within the tracker's bound.
 
     For the bookkeeping around runs -- a sweep driver closing its trials' runs, a parent run's
     summary -- which would otherwise wait on MLflow's own HTTP retries, unbounded by
-    $IMBCIL_TRACKING_RETRY_S. Only for calls that may be repeated: reads, tags, status, files,
-    and metrics whose timestamps are fixed before the call.
+    $IMBCIL_TRACKING_RETRY_S. Only calls that may be repeated: reads, tags, status, files, and
+    metrics whose timestamps are fixed before the call. Tag values are redacted, as the tracker's
+    own are.
     """
 
     def __init__(self, tracker: RunTracker) -> None:
         self._tracker = tracker
 
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._tracker.client, name)
-        if not callable(method):
-            return method
+    def _retry(self, action: str, call: Callable[[MlflowClient], _T]) -> _T:
+        client = self._tracker.client
+        return self._tracker._call(action, lambda: call(client))
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return self._tracker._call(name.replace("_", " "), lambda: method(*args, **kwargs))
+    def get_run(self, run_id: str):
+        return self._retry("get run", lambda c: c.get_run(run_id))
 
-        return call
+    def search_runs(self, experiment_ids: list[str], filter_string: str = "", **options: Any):
+        return self._retry("search runs", lambda c: c.search_runs(experiment_ids, filter_string=filter_string, **options))
+
+    def get_metric_history(self, run_id: str, key: str):
+        return self._retry("get metric history", lambda c: c.get_metric_history(run_id, key))
+
+    def set_tag(self, run_id: str, key: str, value: Any) -> None:
+        self._retry("set tag", lambda c: c.set_tag(run_id, key, redact_text(value)))
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._retry("delete tag", lambda c: c.delete_tag(run_id, key))
+
+    def set_terminated(self, run_id: str, status: str) -> None:
+        def terminate(c: MlflowClient) -> None:
+            with scoped_env({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
+                c.set_terminated(run_id, status=status)
+
+        self._retry("end the run", terminate)
+
+    def update_run(self, run_id: str, name: str) -> None:
+        self._retry("rename the run", lambda c: c.update_run(run_id, name=name))
+
+    def log_batch(self, run_id: str, metrics: Sequence[Metric] = (), params: Sequence[Param] = (), tags: Sequence[RunTag] = ()) -> None:
+        tags = [RunTag(t.key, redact_text(t.value)) for t in tags]
+        self._retry("log batch", lambda c: c.log_batch(run_id, metrics=list(metrics), params=list(params), tags=tags, synchronous=True))
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._retry("log text", lambda c: c.log_text(run_id, text, artifact_file))
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        self._retry("log artifact", lambda c: c.log_artifact(run_id, local_path, artifact_path))
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
+        self._retry("log artifacts", lambda c: c.log_artifacts(run_id, local_dir, artifact_path))
+
+    def download_artifacts(self, run_id: str, path: str, dst_path: str) -> str:
+        return self._retry("download artifacts", lambda c: c.download_artifacts(run_id, path, dst_path))
 
 
 def _redacted(tags: Mapping[str, Any]) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import load_config
-from pipeline.sweep_config import load_sweep
+from pipeline.sweep.spec import load_sweep
 
 
 def invoke(*args):

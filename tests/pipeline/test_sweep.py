@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from method.results import METRIC_NAMES
 from pipeline.cli import app
 from pipeline.config import ConfigError, load_config
-from pipeline.sweep_config import (
+from pipeline.sweep.spec import (
     Distribution,
     differing_key,
     load_sweep,
@@ -190,7 +190,7 @@ def test_cli_refuses_searched_overrides_missing_files_data_and_resumes(tmp_path,
 
 
 def test_trials_rank_finished_first_by_their_final_value():
-    from pipeline.sweep import TrialSummary, rank_trials
+    from pipeline.sweep.results import TrialSummary, rank_trials
 
     def trial(trial_id, status, *values):
         return TrialSummary(trial_id, status, {}, 3, {p: {"acc": v} for p, v in enumerate(values)})
@@ -204,7 +204,7 @@ def test_trials_rank_finished_first_by_their_final_value():
 
 
 def test_a_sweep_that_selects_on_test_data_is_named_so(sweep_kit):
-    from pipeline.sweep_config import test_selection_warning
+    from pipeline.sweep.spec import test_selection_warning
 
     assert test_selection_warning(spec(sweep_kit, tune={**sweep_kit.tune, "metric": "val_avg_incremental_acc"})) is None
     assert test_selection_warning(spec(sweep_kit)) is None  # loss: training data, not the test set
@@ -226,7 +226,7 @@ def test_the_cli_prints_the_test_selection_line_first(tmp_path, sweep_kit, monke
 
 
 def test_the_leaderboard_ranks_by_validation_and_shows_the_test_metric_beside(sweep_kit):
-    from pipeline.sweep import TrialSummary, leaderboard_markdown, leaderboard_rows, rank_trials
+    from pipeline.sweep.results import TrialSummary, leaderboard_markdown, leaderboard_rows, rank_trials
 
     s = spec(sweep_kit, tune={**sweep_kit.tune, "metric": "val_avg_incremental_acc", "mode": "max"})
 
@@ -546,7 +546,7 @@ def test_a_sweep_killed_and_resumed_decides_as_the_uninterrupted_one(steady_swee
 
 
 def test_a_failed_trials_error_tag_is_redacted_like_every_other_tag():
-    from pipeline.sweep import close_trial_run
+    from pipeline.sweep.driver import close_trial_run
 
     class Client:
         def __init__(self):

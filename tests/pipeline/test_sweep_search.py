@@ -17,7 +17,7 @@ import optuna
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from pipeline.sweep_search import (
+from pipeline.sweep.search import (
     REPORTED_AT,
     PhaseAwareOptunaSearch,
     make_scheduler,
