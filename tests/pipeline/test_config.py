@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from method.config import RunConfig
+from method.config import LearnerConfig, MemoryConfig, RunConfig
 from pipeline.config import (
     ConfigError,
     config_from_dict,
@@ -17,6 +17,7 @@ from pipeline.config import (
     load_config,
     save_config,
     unflatten,
+    validate,
 )
 
 
@@ -216,3 +217,23 @@ def test_bad_files(tmp_path: Path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty) == load_config()
+
+
+@pytest.mark.parametrize(
+    "learner, budget, refused",
+    [
+        ("replay", "none", "learner replay needs exemplars"),
+        ("finetune", "per_class", "learner finetune keeps no memory"),
+        ("lwf", "none", None),  # LwF runs with distillation alone, or with replay
+        ("lwf", "per_class", None),
+        ("dgr", "total", None),
+    ],
+)
+def test_memory_rules_come_from_the_learners_declarations(learner, budget, refused):
+    cfg = RunConfig(learner=LearnerConfig(name=learner), memory=MemoryConfig(budget=budget))
+    cfg.train.epochs, cfg.train.milestones, cfg.train.weight_decay = 1, [1], 0.0
+    if refused is None:
+        validate(cfg)
+    else:
+        with pytest.raises(ConfigError, match=f"^memory.budget: {refused}"):
+            validate(cfg)
