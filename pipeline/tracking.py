@@ -165,9 +165,10 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) ->
     """Where to look at a run (or, without run_id, the experiment's run table) in the MLflow UI.
 
     For a local store there is no server, so the answer is the command that starts one and the
-    address it will serve.
+    address it will serve. `workflowType=machine_learning` opens MLflow 3's "Model training"
+    view (runs, with a sweep's trials nested under it) rather than its GenAI workspace.
     """
-    fragment = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    fragment = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "") + "?workflowType=machine_learning"
     if _is_http(tracking_uri):
         return f"{_without_userinfo(tracking_uri).rstrip('/')}/{fragment}"
     store = tracking_uri

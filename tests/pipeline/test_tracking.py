@@ -117,12 +117,12 @@ def test_redact_uri(raw, expected):
 def test_run_url():
     assert (
         tracking.run_url("https://bob:pw@mlflow.example.org/", "3", "abc")
-        == "https://mlflow.example.org/#/experiments/3/runs/abc"
+        == "https://mlflow.example.org/#/experiments/3/runs/abc?workflowType=machine_learning"
     )
-    assert tracking.run_url("http://127.0.0.1:5000", "3") == "http://127.0.0.1:5000/#/experiments/3/runs"
+    assert tracking.run_url("http://127.0.0.1:5000", "3") == "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
     hint = tracking.run_url("sqlite:///mlflow.db", "1", "r1")
     assert hint.startswith("mlflow ui --backend-store-uri sqlite:////")
-    assert hint.endswith("http://127.0.0.1:5000/#/experiments/1/runs/r1")
+    assert hint.endswith("http://127.0.0.1:5000/#/experiments/1/runs/r1?workflowType=machine_learning")
     assert "s3cret" not in tracking.run_url("postgresql://u:s3cret@db/m", "1")
 
 
@@ -283,7 +283,7 @@ def test_child_run_carries_parent(uri):
     client = MlflowClient(uri)
     assert client.get_run(child.run_id).data.tags[tracking.PARENT_RUN_TAG] == parent.run_id
     assert client.get_run(parent.run_id).info.status == "FINISHED"
-    assert child.url.endswith(f"#/experiments/{parent.experiment_id}/runs/{child.run_id}")
+    assert child.url.endswith(f"#/experiments/{parent.experiment_id}/runs/{child.run_id}?workflowType=machine_learning")
 
 
 def test_resume_continues_the_same_run(uri):
@@ -351,7 +351,7 @@ def _log_two_phases_over_http(server_url: str, tmp_path, capsys) -> str:
         for result in results:
             tracker.log_phase(result)
         assert_states_equal(tracker.load_checkpoint(), results[1].state)
-        assert tracker.url == f"{server_url}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+        assert tracker.url == f"{server_url}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}?workflowType=machine_learning"
     assert "View run" not in capsys.readouterr().out  # MLflow's own link print is suppressed
     client = MlflowClient(server_url)
     run = client.get_run(tracker.run_id)
