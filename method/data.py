@@ -136,6 +136,20 @@ def resolve_source(data: DataConfig) -> str:
     return "filelist"
 
 
+def source_files(data: DataConfig) -> list[Path]:
+    """The files `load_raw` decodes images from (for a cache to check against); [] for file lists."""
+    if not data.root:
+        return []
+    root = Path(data.root).expanduser()
+    source = resolve_source(data)
+    if source == "parquet":
+        return [root if root.suffix == ".parquet" else root / PARQUET_FILE]
+    if source == "folder":
+        folder = root / CIFAR_FOLDERS[data.dataset]
+        return sorted(path for path in folder.iterdir() if path.is_file()) if folder.is_dir() else []
+    return []
+
+
 def no_data_root(dataset: str) -> str:
     """What to say when a config names no data root, wherever that is found out."""
     return f"no data root for {dataset}: pass --data-root DIR or set IMBCIL_DATA (the offline CIFAR-10 lives in shared/data/{PARQUET_FILE})"

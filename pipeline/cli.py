@@ -109,9 +109,10 @@ def data(
     """Print the benchmark a config builds: class order and per-task image counts."""
     from method.data import build_benchmark
     from pipeline.config import resolve
+    from pipeline.runtime import decoded_data
 
     cfg = resolve(config, overrides or [], data_root=data_root)
-    console.print(build_benchmark(cfg.data, cfg.protocol, cfg.seed).describe())
+    console.print(build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=decoded_data(cfg.data)).describe())
 
 
 @app.command("show-config")

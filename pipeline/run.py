@@ -16,6 +16,7 @@ from method.results import PhaseResult
 from method.events import ProgressCallback
 from method.trainer import IncrementalTrainer
 from pipeline.config import ConfigError, config_from_dict, config_to_dict, flatten, read_yaml, resolve, resolve_dict
+from pipeline.runtime import decoded_data
 from pipeline.tracking import RunTracker, TrackingError, check_tracking, resolve_tracking_uri
 
 def logged_config(tracker: RunTracker) -> RunConfig:
@@ -99,13 +100,13 @@ def run_command(
             cfg = resolve_dict(config_to_dict(logged_config(tracker)), data_root=data_root, device=device)
             if given is not None:
                 same_config_or_error(given, cfg)
-            benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed)
+            benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=decoded_data(cfg.data))
         except BaseException:
             tracker.finish("FAILED", error="resume refused: the config or data did not match")
             raise
     else:
         cfg = given
-        benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed)  # a missing dataset fails here
+        benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=decoded_data(cfg.data))  # a missing dataset fails here
         check_tracking(uri)
         tracker = RunTracker(uri, experiment or cfg.name, run_name=cfg.name)
     previous = tracker.accuracy_per_phase

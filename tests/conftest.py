@@ -18,6 +18,13 @@ from typing import Callable, Iterator
 
 import pytest
 
+
+def pytest_configure(config):
+    """Decoded datasets go to a cache of this session's own, not the user's ~/.cache/imbcil."""
+    import tempfile
+
+    os.environ.setdefault("IMBCIL_CACHE", tempfile.mkdtemp(prefix="imbcil-test-cache-"))
+
 POSTGRES_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
 SERVER_START_TIMEOUT_S = 90.0
 SERVER_STOP_TIMEOUT_S = 10.0

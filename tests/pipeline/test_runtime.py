@@ -41,3 +41,135 @@ def test_error_line_takes_the_telling_line_of_a_traceback():
     long = "RuntimeError: " + "x" * 600
     assert len(error_line(long)) == 500 and error_line(long).endswith("...")
     assert exception_line(KeyError("k")) == "KeyError: 'k'" and exception_line(OSError()) == "OSError"
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoded-data cache
+
+
+def tiny_parquet(path, seed=0):
+    """A CIFAR-10-shaped Parquet file of 30 JPEG images (2 train, 1 test per class)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from torchvision.io import encode_jpeg
+
+    generator = torch.Generator().manual_seed(seed)
+    splits, labels, blobs = [], [], []
+    for split, per_class in (("train", 2), ("test", 1)):
+        for label in range(10):
+            for _ in range(per_class):
+                image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator)
+                splits.append(split)
+                labels.append(label)
+                blobs.append(encode_jpeg(image).numpy().tobytes())
+    table = pa.table({"split": splits, "label": np.asarray(labels, dtype=np.int64), "jpeg": pa.array(blobs, pa.binary())})
+    names = ",".join(f"class{c}" for c in range(10))
+    pq.write_table(table.replace_schema_metadata({b"class_names": names.encode()}), path)
+    return path
+
+
+def cifar10_at(folder):
+    from method.config import DataConfig
+
+    return DataConfig(dataset="cifar10", root=str(folder), source="parquet")
+
+
+def same_data(a, b):
+    import numpy as np
+    import torch
+
+    assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_images, b.test_images)
+    assert np.array_equal(a.train_labels, b.train_labels) and np.array_equal(a.test_labels, b.test_labels)
+    assert a.class_names == b.class_names
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    from pipeline import runtime
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(runtime.CACHE_ENV, str(folder))
+    runtime.forget_decoded_data()
+    yield folder
+    runtime.forget_decoded_data()
+
+
+def test_the_cache_gives_the_bytes_of_a_fresh_decode_and_is_read_back(tmp_path, cache, monkeypatch):
+    import method.data
+    from method.data import load_raw
+    from pipeline import runtime
+
+    tiny_parquet(tmp_path / "cifar10-jpeg.parquet")
+    data = cifar10_at(tmp_path)
+    fresh = load_raw(data)
+    first = runtime.decoded_data(data)
+    same_data(first, fresh)
+    (entry,) = cache.iterdir()
+    assert {p.name for p in entry.iterdir()} == {"train_images.npy", "test_images.npy", "train_labels.npy", "test_labels.npy", "meta.json"}
+    # A new process (here: the in-process copy dropped) reads the entry instead of decoding.
+    runtime.forget_decoded_data()
+    monkeypatch.setattr(method.data, "load_raw", lambda data: pytest.fail("decoded again despite a valid cache"))
+    same_data(runtime.decoded_data(data), fresh)
+
+
+def test_the_cache_is_rebuilt_when_the_source_changes(tmp_path, cache):
+    import os
+
+    from method.data import load_raw
+    from pipeline import runtime
+
+    source = tiny_parquet(tmp_path / "cifar10-jpeg.parquet", seed=0)
+    data = cifar10_at(tmp_path)
+    before = runtime.decoded_data(data)
+    tiny_parquet(source, seed=1)  # other images in the same file
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock could keep the time
+    runtime.forget_decoded_data()
+    after = runtime.decoded_data(data)
+    same_data(after, load_raw(data))
+    assert not torch_equal(after.train_images, before.train_images)
+    assert len(list(cache.iterdir())) == 2  # the old entry no longer matches and is never read
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_two_processes_filling_the_cache_at_once_leave_one_valid_entry(tmp_path, cache):
+    import subprocess
+    import sys
+
+    from method.data import load_raw
+    from pipeline import runtime
+
+    tiny_parquet(tmp_path / "cifar10-jpeg.parquet")
+    data = cifar10_at(tmp_path)
+    script = (
+        "import sys; from method.config import DataConfig; from pipeline.runtime import decoded_data; "
+        f"decoded_data(DataConfig(dataset='cifar10', root={str(tmp_path)!r}, source='parquet'))"
+    )
+    env = {**os.environ, runtime.CACHE_ENV: str(cache)}
+    processes = [subprocess.Popen([sys.executable, "-c", script], env=env) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    entries = list(cache.iterdir())
+    assert len(entries) == 1 and not entries[0].name.startswith(".")  # no staging copy left behind
+    runtime.forget_decoded_data()
+    same_data(runtime.decoded_data(data), load_raw(data))
+
+
+def test_no_cache_when_it_is_off_or_for_file_lists(tmp_path, monkeypatch):
+    from method.config import DataConfig
+    from method.data import source_files
+    from pipeline import runtime
+
+    tiny_parquet(tmp_path / "cifar10-jpeg.parquet")
+    monkeypatch.setenv(runtime.CACHE_ENV, "off")
+    runtime.forget_decoded_data()
+    runtime.decoded_data(cifar10_at(tmp_path))
+    runtime.forget_decoded_data()
+    assert not (tmp_path / "cache").exists()
+    assert source_files(DataConfig(dataset="food101", root=str(tmp_path))) == []  # decoded lazily, nothing to keep
