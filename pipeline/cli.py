@@ -133,7 +133,7 @@ def show_config(
         "Examples:\n\n"
         "  imbcil reproduce best.yaml --seeds 0 1 2 --full-budget\n\n"
         "  imbcil reproduce configs/quickstart.yaml configs/quickstart_replay.yaml --seeds 0 1 train.epochs=2\n\n"
-        "  imbcil reproduce best.yaml --seeds 0,1,2 --address 10.0.0.5:6379 --tracking-uri http://mlflow:5000"
+        "  imbcil reproduce best.yaml --seeds 0,1,2 --address 10.0.0.5:6380 --tracking-uri http://mlflow:5000"
     ),
 )
 @user_facing
@@ -217,7 +217,7 @@ def report_cmd(
     epilog=(
         "Examples:\n\n"
         "  imbcil sweep sweeps/quickstart.yaml --data-root ../shared/data\n\n"
-        "  imbcil sweep sweeps/cifar100_lt_lfs10.yaml train.epochs=80 --address 10.0.0.5:6379 --storage /shared/ray_results\n\n"
+        "  imbcil sweep sweeps/cifar100_lt_lfs10.yaml train.epochs=80 --address 10.0.0.5:6380 --storage /shared/ray_results\n\n"
         "  imbcil sweep sweeps/quickstart.yaml --resume --data-root ../shared/data"
     ),
 )
@@ -311,7 +311,7 @@ def export_cmd(
     epilog=(
         "Examples:\n\n"
         "  imbcil check --tracking-uri http://mlflow:5000\n\n"
-        "  imbcil check sweeps/quickstart.yaml --address 10.0.0.5:6379 --storage /shared/ray_results --data-root /shared/data"
+        "  imbcil check sweeps/quickstart.yaml --address 10.0.0.5:6380 --storage /shared/ray_results --data-root /shared/data"
     ),
 )
 @user_facing
