@@ -37,8 +37,9 @@ pytestmark = pytest.mark.timeout(900)
 
 PHASES = 3
 SWEEP_TIMEOUT_S = 480
-# CIFAR-10-LT, 6 base classes + 2 tasks of 2, 2% of the training images, one epoch per phase.
-TINY_BASE = {
+# The sweeps of these tests count records, not accuracies: half the tiny sweep's data
+# (conftest.TINY_BASE), 2% of the training images, keeps each of their many trials short.
+FAULT_SWEEP_BASE = {
     "device": "cpu",
     "data": {"dataset": "cifar10", "train_fraction": 0.02, "test_fraction": 0.03},
     "protocol": {"first_task_classes": 6, "incremental_tasks": 2},
@@ -323,7 +324,7 @@ class SweepResult:
 
 def write_sweep(path: Path, name: str, *, num_samples: int, max_concurrent: int, max_failures: int = 2) -> Path:
     sweep = {
-        "base": {**TINY_BASE, "name": name},
+        "base": {**FAULT_SWEEP_BASE, "name": name},
         "space": {"train.lr": {"loguniform": [0.01, 0.1]}},
         "tune": {
             "name": name, "metric": "avg_incremental_acc", "mode": "max", "num_samples": num_samples,
