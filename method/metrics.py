@@ -39,13 +39,18 @@ def class_weighted_accuracy(acc_matrix: np.ndarray, t: int, classes_per_task: Se
     `classes_per_task` holds either counts or the label lists of the tasks.
     """
     row = _seen_row(acc_matrix, t)
-    weights = np.array(
-        [len(c) if isinstance(c, (list, tuple, np.ndarray)) else c for c in classes_per_task[: t + 1]],
-        dtype=np.float64,
-    )
+    weights = _task_weights(classes_per_task, t)
     if weights.shape != row.shape:
         raise ValueError(f"need class counts for tasks 0..{t}, got {len(weights)}")
     return float((row * weights).sum() / weights.sum())
+
+
+def _task_weights(classes_per_task: Sequence, t: int) -> np.ndarray:
+    """Classes per seen task; `classes_per_task` holds counts or the tasks' label lists."""
+    return np.array(
+        [len(c) if isinstance(c, (list, tuple, np.ndarray)) else c for c in classes_per_task[: t + 1]],
+        dtype=np.float64,
+    )
 
 
 def average_incremental_accuracy(acc_matrix: np.ndarray, t: int) -> float:
@@ -67,7 +72,7 @@ def validation_accuracy(val_matrix: np.ndarray, t: int) -> float:
 def validation_class_weighted_accuracy(val_matrix: np.ndarray, t: int, classes_per_task: Sequence) -> float:
     """The class-weighted avg_acc[t] on held-out images, over the seen tasks that have any."""
     row = np.asarray(val_matrix, dtype=np.float64)[t, : t + 1]
-    weights = np.array([len(c) if isinstance(c, (list, tuple, np.ndarray)) else c for c in classes_per_task[: t + 1]], dtype=np.float64)
+    weights = _task_weights(classes_per_task, t)
     present = ~np.isnan(row)
     if not present.any():
         return math.nan

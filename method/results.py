@@ -43,6 +43,13 @@ def paired_metric(name: str) -> str | None:
     return None
 
 
+def metric_split(name: str) -> str:
+    """Which images a metric is measured on: "validation", "test" or "training"."""
+    if name in VALIDATION_METRICS:
+        return "validation"
+    return "test" if name in TEST_METRICS else "training"
+
+
 def reported_beside(name: str) -> str | None:
     """The test metric reported next to a validation metric that a sweep selects by."""
     other = paired_metric(name)

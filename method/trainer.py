@@ -188,11 +188,7 @@ class IncrementalTrainer:
         self.train_images = image_source(self.benchmark.train, self.benchmark, self.device, workers, channels_last)
         self.test_images = image_source(self.benchmark.test, self.benchmark, self.device, workers, channels_last)
         # Held-out images score every phase (selection) and, if asked, every epoch (a print).
-        self.val_images = (
-            image_source(self.benchmark.val, self.benchmark, self.device, workers, channels_last)
-            if len(self.benchmark.val)
-            else None
-        )
+        self.val_images = image_source(self.benchmark.val, self.benchmark, self.device, workers, channels_last)
         self.train_labels = torch.as_tensor(self.benchmark.train.labels)
         self.test_labels = torch.as_tensor(self.benchmark.test.labels)
         self.val_labels = torch.as_tensor(self.benchmark.val.labels)
@@ -350,7 +346,7 @@ class IncrementalTrainer:
             if not math.isfinite(epoch_loss):
                 raise NonFiniteLossError(f"training loss became {epoch_loss} in phase {task}, epoch {epoch}")
             val_acc = None
-            if train.validate_every_epoch and self.val_images is not None:
+            if train.validate_every_epoch and len(self.benchmark.val):
                 val_acc = self._validation_accuracy(ctx.num_seen)
             self.progress(EpochDone(task, epoch + 1, train.epochs, epoch_loss, optimizer.param_groups[0]["lr"], val_acc))
         return epoch_loss, train.epochs * len(indices)
@@ -461,13 +457,8 @@ class IncrementalTrainer:
         self.acc_matrix[task, : task + 1] = rows.acc
         self.task_aware_matrix[task, : task + 1] = rows.task_aware
         # The same pass on the held-out images: a task without any stays NaN (method.md §4).
-        val_rows, val_images = (
-            self._score_split(self.val_images, self.val_labels, bench.val, task, num_seen, class_means)
-            if self.val_images is not None
-            else (None, 0)
-        )
-        if val_rows is not None:
-            self.val_matrix[task, : task + 1] = val_rows.acc
+        val_rows, val_images = self._score_split(self.val_images, self.val_labels, bench.val, task, num_seen, class_means)
+        self.val_matrix[task, : task + 1] = val_rows.acc
 
         train_counts = bench.train_counts[:num_seen]
         memory_counts = self.memory.counts()

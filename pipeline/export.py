@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from method.config import RunConfig
-from method.results import METRIC_NAMES, TEST_METRICS, VALIDATION_METRICS, paired_metric
+from method.results import METRIC_NAMES, TEST_METRICS, VALIDATION_METRICS, metric_split, paired_metric, reported_beside
 from pipeline.config import ConfigError, load_config, save_config
 from pipeline.names import (
     FINISHED,
@@ -70,9 +70,7 @@ class Selection:
 
     @property
     def split(self) -> str:
-        if self.metric in VALIDATION_METRICS:
-            return "validation"
-        return "test" if self.metric in TEST_METRICS else "training"
+        return metric_split(self.metric)
 
     def line(self) -> str:
         return f"{SELECTION_PREFIX}{self.metric} = {self.value:.6g} ({self.split} data), sweep {self.sweep}, trial {self.trial_id}"
@@ -161,8 +159,7 @@ def export_command(
         f"Run it with: imbcil run {output}",
     ]
     path = save_config(cfg, output, header="\n".join(header))
-    other = paired_metric(metric)
-    reported = other if other in TEST_METRICS else None
+    reported = reported_beside(metric)
     return ExportOutcome(
         path, name, chosen.trial_id, chosen.mlflow_run_id, metric, mode, chosen.value, rank, len(ordered), cfg,
         reported_metric=reported, reported_value=chosen.finals.get(reported, math.nan) if reported else math.nan,

@@ -880,13 +880,7 @@ class RunTracker:
             message = error_tag_value(error)
             self._call(action, lambda: self.client.set_tag(self._run_id, ERROR_TAG, message))
 
-        def terminate():
-            # Against a server, set_terminated prints "View run ... at <tracking URI>" to stdout,
-            # credentials included; the verbs print `self.url` instead.
-            with scoped_env({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
-                self.client.set_terminated(self._run_id, status=status)
-
-        self._call(action, terminate)
+        self.retrying.set_terminated(self._run_id, status)
         self._finished = True
 
     def __enter__(self) -> RunTracker:
@@ -941,6 +935,8 @@ class RetryingClient:
 
     def set_terminated(self, run_id: str, status: str) -> None:
         def terminate(c: MlflowClient) -> None:
+            # Against a server, set_terminated prints "View run ... at <tracking URI>" to stdout,
+            # credentials included; the verbs print the run's redacted `url` instead.
             with scoped_env({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
                 c.set_terminated(run_id, status=status)
 
