@@ -12,12 +12,24 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 
-def bounded(default, *, ge=None, gt=None, le=None, lt=None, choices=None, **kw):
-    """A dataclass field with validation limits in its metadata."""
-    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices).items() if v is not None}
+# `first_phase` of a field: the first phase whose trained state the field can change. 0 for what
+# shapes every phase, 1 for what only matters once there is memory or an old model (the memory
+# settings, distillation), NEVER for where and how a run executes. The phase store's key
+# (method/phases.py) is built from these declarations alone; a field without one cannot be keyed.
+NEVER = None
+
+
+def bounded(default, *, first_phase, ge=None, gt=None, le=None, lt=None, choices=None, per_task=None, **kw):
+    """A dataclass field with its validation limits and its phase-key declaration in its metadata.
+
+    `per_task(cfg, task)`, where given, is the value a task actually reads (a first-task override,
+    say); the key then holds that value for every phase instead of the field's own.
+    """
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, per_task=per_task).items() if v is not None}
+    meta["first_phase"] = first_phase
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -40,107 +52,156 @@ DATASETS = ("cifar10", "cifar100", "imagenet_subset", "food101")
 
 @dataclass
 class DataConfig:
-    dataset: str = bounded("cifar100", choices=DATASETS)
+    dataset: str = bounded("cifar100", first_phase=0, choices=DATASETS)
     # auto: cifar10 -> the offline Parquet file if present, else the python folder;
     # cifar100 -> the python folder; imagenet_subset/food101 -> train.txt/test.txt lists.
-    source: str = bounded("auto", choices=("auto", "parquet", "folder", "filelist"))
-    # Where the data lives; the CLI's --data-root / IMBCIL_DATA fill it when empty.
-    root: Optional[str] = None
+    source: str = bounded("auto", first_phase=0, choices=("auto", "parquet", "folder", "filelist"))
+    # Where the data lives; the CLI's --data-root / IMBCIL_DATA fill it when empty. The phase key
+    # holds a fingerprint of the images themselves instead (method/phases.py).
+    root: Optional[str] = bounded(None, first_phase=NEVER)
     # Only where the user asks: torchvision's download of CIFAR into `root`.
-    download: bool = False
-    imbalance: str = bounded("exp", choices=("exp", "step", "none"))
-    rho: float = bounded(100.0, ge=1.0)
-    scenario: str = bounded("shuffled", choices=("shuffled", "ordered", "conventional"))
+    download: bool = bounded(False, first_phase=NEVER)
+    imbalance: str = bounded("exp", first_phase=0, choices=("exp", "step", "none"))
+    rho: float = bounded(100.0, first_phase=0, ge=1.0)
+    scenario: str = bounded("shuffled", first_phase=0, choices=("shuffled", "ordered", "conventional"))
     # The long-tail subset's own seed, independent of the run seed (method.md §1).
-    subset_seed: int = bounded(0, ge=0)
-    val_fraction: float = bounded(0.1, ge=0.0, lt=1.0)
+    subset_seed: int = bounded(0, first_phase=0, ge=0)
+    val_fraction: float = bounded(0.1, first_phase=0, ge=0.0, lt=1.0)
     # Reduced-budget knobs for quick runs and tests: keep this fraction of every class's
     # training (after the LT profile) and test images (at least one image per class).
-    train_fraction: float = bounded(1.0, gt=0.0, le=1.0)
-    test_fraction: float = bounded(1.0, gt=0.0, le=1.0)
+    train_fraction: float = bounded(1.0, first_phase=0, gt=0.0, le=1.0)
+    test_fraction: float = bounded(1.0, first_phase=0, gt=0.0, le=1.0)
     # File-list datasets: decoding workers of the lazy loader.
-    num_workers: int = bounded(4, ge=0)
+    num_workers: int = bounded(4, first_phase=NEVER, ge=0)
 
 
 @dataclass
 class ProtocolConfig:
     # Classes in the first task, and the number of incremental tasks after it (method.md
     # "Counting tasks"). CIFAR-100 LFS-10 is 10 + 9x10; LFH-5 is 50 + 5x10.
-    first_task_classes: int = bounded(10, ge=2)
-    incremental_tasks: int = bounded(9, ge=1)
+    first_task_classes: int = bounded(10, first_phase=0, ge=2)
+    incremental_tasks: int = bounded(9, first_phase=0, ge=1)
 
 
 @dataclass
 class ModelConfig:
     # auto: resnet32 for 32x32 datasets, resnet18 (not pretrained) for 224 inputs.
-    backbone: str = bounded("auto", choices=registered("method.backbones", "BACKBONES", "auto"))
+    backbone: str = bounded("auto", first_phase=0, choices=registered("method.backbones", "BACKBONES", "auto"))
+
+
+class TaskSchedule(NamedTuple):
+    lr: float
+    epochs: int
+    milestones: list[int]
+
+
+def _task_setting(name: str) -> Callable[["RunConfig", int], object]:
+    """The phase key's view of a shared training setting: the value task `task` trains with."""
+    return lambda cfg, task: getattr(cfg.train.for_task(task), name)
+
+
+@dataclass
+class FirstTaskConfig:
+    """The first task's own training settings; None trains it as every other task.
+
+    Set apart, a search over the later tasks' settings leaves phase 0 unchanged, so every trial
+    shares it through the phase store.
+    """
+
+    lr: Optional[float] = bounded(None, first_phase=0, gt=0.0)
+    epochs: Optional[int] = bounded(None, first_phase=0, ge=1)
+    milestones: Optional[list[int]] = bounded(None, first_phase=0)
 
 
 @dataclass
 class TrainConfig:
     # None: the dataset's paper value (CIFAR 160 / [80, 120] / 5e-4; others 90 / [30, 60] / 1e-4).
-    epochs: Optional[int] = bounded(None, ge=1)
-    milestones: Optional[list[int]] = None
-    weight_decay: Optional[float] = bounded(None, ge=0.0)
-    lr: float = bounded(0.1, gt=0.0)
-    lr_decay: float = bounded(0.1, gt=0.0, le=1.0)
-    momentum: float = bounded(0.9, ge=0.0, lt=1.0)
-    batch_size: int = bounded(128, ge=1)
-    eval_batch_size: int = bounded(1024, ge=1)
+    epochs: Optional[int] = bounded(None, first_phase=0, ge=1, per_task=_task_setting("epochs"))
+    milestones: Optional[list[int]] = bounded(None, first_phase=0, per_task=_task_setting("milestones"))
+    weight_decay: Optional[float] = bounded(None, first_phase=0, ge=0.0)
+    lr: float = bounded(0.1, first_phase=0, gt=0.0, per_task=_task_setting("lr"))
+    lr_decay: float = bounded(0.1, first_phase=0, gt=0.0, le=1.0)
+    momentum: float = bounded(0.9, first_phase=0, ge=0.0, lt=1.0)
+    batch_size: int = bounded(128, first_phase=0, ge=1)
+    # It batches the herding features and the scores that a phase stores, so it is in the key.
+    eval_batch_size: int = bounded(1024, first_phase=0, ge=1)
     # The reference evaluates validation after every epoch only to print it (method.md §1).
-    validate_every_epoch: bool = False
+    validate_every_epoch: bool = bounded(False, first_phase=NEVER)
     # bf16: autocast on CUDA, and on CPU where it has AMX or AVX512-BF16 (elsewhere it is
     # slower than fp32 there). fp32 is the default.
-    precision: str = bounded("fp32", choices=("fp32", "bf16"))
+    precision: str = bounded("fp32", first_phase=0, choices=("fp32", "bf16"))
     # Capture the fixed-shape training step as a CUDA graph (CUDA only).
-    cuda_graph: bool = False
+    cuda_graph: bool = bounded(False, first_phase=0)
+    first_task: FirstTaskConfig = field(default_factory=FirstTaskConfig)
+
+    def for_task(self, task: int) -> TaskSchedule:
+        """The learning rate, epochs and milestones that task `task` trains with."""
+        own = self.first_task if task == 0 else FirstTaskConfig()
+        return TaskSchedule(
+            lr=self.lr if own.lr is None else own.lr,
+            epochs=self.epochs if own.epochs is None else own.epochs,
+            milestones=self.milestones if own.milestones is None else own.milestones,
+        )
 
 
 @dataclass
 class MemoryConfig:
     # per_class: E exemplars per seen class (growing memory, the paper's default);
-    # total: a fixed total split evenly over seen classes; none: no memory.
-    budget: str = bounded("per_class", choices=registered("method.memory", "BUDGETS"))
-    per_class: int = bounded(20, ge=1)
-    total: int = bounded(2000, ge=1)
-    selection: str = bounded("herding", choices=("herding", "random"))
+    # total: a fixed total split evenly over seen classes; none: no memory. Phase 0 trains
+    # without memory, and a stored phase keeps what selection needs, so these enter at phase 1.
+    budget: str = bounded("per_class", first_phase=1, choices=registered("method.memory", "BUDGETS"))
+    per_class: int = bounded(20, first_phase=1, ge=1)
+    total: int = bounded(2000, first_phase=1, ge=1)
+    selection: str = bounded("herding", first_phase=1, choices=("herding", "random"))
 
 
 @dataclass
 class DGRConfig:
     """Switches and knobs of the gradient-reweighting method (method.md §3)."""
 
-    logit_adjustment: bool = True
-    intra_phase_reweighting: bool = True
-    inter_phase_reweighting: bool = True
-    distillation: str = bounded("dakd", choices=("dakd", "kd"))
+    # Both shape the first task's heads' gradient; everything else needs an old model.
+    logit_adjustment: bool = bounded(True, first_phase=0)
+    intra_phase_reweighting: bool = bounded(True, first_phase=0)
+    inter_phase_reweighting: bool = bounded(True, first_phase=1)
+    distillation: str = bounded("dakd", first_phase=1, choices=("dakd", "kd"))
     # The beta schedule: beta = lambda_b * shape(t) for the distillation loss, times T^2.
-    lambda_b: float = bounded(0.7, ge=0.0)
-    attenuation: float = bounded(1.0, ge=0.0)
-    temperature: float = bounded(2.0, gt=0.0)
+    lambda_b: float = bounded(0.7, first_phase=1, ge=0.0)
+    attenuation: float = bounded(1.0, first_phase=1, ge=0.0)
+    temperature: float = bounded(2.0, first_phase=1, gt=0.0)
     # sqrt: the paper's sqrt(n_seen / n_new); constant: 1; linear: the phase index t.
-    beta_schedule: str = bounded("sqrt", choices=("sqrt", "constant", "linear"))
+    beta_schedule: str = bounded("sqrt", first_phase=1, choices=("sqrt", "constant", "linear"))
     # DAKD prior: l2 (the code's L2-normalised ratio) or sum (the poster's plain ratio).
-    dakd_prior: str = bounded("l2", choices=("l2", "sum"))
+    dakd_prior: str = bounded("l2", first_phase=1, choices=("l2", "sum"))
+
+
+def _first_task_learner(cfg: "RunConfig", task: int) -> str:
+    """Task 0 has no old model: the learners that differ only in distillation train it alike."""
+    from method.learners import LEARNERS
+
+    return LEARNERS[cfg.learner.name].first_task_as if task == 0 else cfg.learner.name
 
 
 @dataclass
 class LearnerConfig:
-    name: str = bounded("dgr", choices=registered("method.learners", "LEARNERS"))
+    """The learner and its knobs. A section named after a learner (`dgr`) is that learner's alone:
+    the phase key reads it only when that learner runs."""
+
+    name: str = bounded("dgr", first_phase=0, choices=registered("method.learners", "LEARNERS"), per_task=_first_task_learner)
     # Temperature of the plain KD of lwf / icarl / wa.
-    kd_temperature: float = bounded(2.0, gt=0.0)
+    kd_temperature: float = bounded(2.0, first_phase=1, gt=0.0)
     # After each task, retrain the classifier on a class-balanced sample, backbone frozen.
-    two_stage: bool = False
-    two_stage_epochs: int = bounded(30, ge=1)
-    two_stage_lr: float = bounded(0.01, gt=0.0)
+    two_stage: bool = bounded(False, first_phase=0)
+    two_stage_epochs: int = bounded(30, first_phase=0, ge=1)
+    two_stage_lr: float = bounded(0.01, first_phase=0, gt=0.0)
     dgr: DGRConfig = field(default_factory=DGRConfig)
 
 
 @dataclass
 class RunConfig:
-    name: str = "dgr-cifar100-lt-lfs10"
-    seed: int = bounded(0, ge=0)
-    device: str = bounded("auto", choices=("auto", "cpu", "cuda"))
+    name: str = bounded("dgr-cifar100-lt-lfs10", first_phase=NEVER)
+    seed: int = bounded(0, first_phase=0, ge=0)
+    # The device the trainer resolves enters the key in its place (method/phases.py).
+    device: str = bounded("auto", first_phase=NEVER, choices=("auto", "cpu", "cuda"))
     data: DataConfig = field(default_factory=DataConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -67,6 +67,9 @@ class Learner:
     needs_memory = True  # refused with memory.budget none
     distills = False  # needs the frozen model of the previous task
     nearest_mean = False  # iCaRL's test-time classifier
+    # The learner whose first task this one trains identically (no old model, no memory yet):
+    # what the phase key holds for phase 0, so those learners share it (method/phases.py).
+    first_task_as = "replay"
 
     def __init__(self, cfg: LearnerConfig) -> None:
         self.cfg = cfg
@@ -130,6 +133,7 @@ class GradientReweighting(Learner):
     """DGR, in the order of method.md §3."""
 
     distills = True
+    first_task_as = "dgr"  # logit adjustment and intra-phase reweighting act on task 0 too
 
     def __init__(self, cfg: LearnerConfig) -> None:
         super().__init__(cfg)

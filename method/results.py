@@ -28,6 +28,7 @@ METRIC_NAMES = (
     "train_images_per_s",  # training images processed per second of training
     "train_seconds",
     "phase_seconds",  # training + memory update + evaluation
+    "phase_reused",  # 1 where the phase's training came from the phase store, else 0
 )
 # Computed on the test set: reported, never selected on.
 TEST_METRICS = ("acc", "acc_class_weighted", "avg_incremental_acc", "task_aware_acc", "forgetting", "acc_many", "acc_medium", "acc_few")
@@ -75,6 +76,8 @@ class PhaseResult:
     state: dict[str, Any] = field(repr=False, default_factory=dict)
     # Like acc_matrix, on the held-out images; NaN also for a seen task without held-out images.
     val_matrix: Optional[np.ndarray] = None
+    # Who trained this phase, where it came from a phase store (method/phases.py); None: this run.
+    reused_from: Optional[str] = None
 
     @property
     def is_last(self) -> bool:

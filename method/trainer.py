@@ -27,6 +27,7 @@ from method.events import BatchDone, EpochDone, PhaseDone, PhaseStarted, Progres
 from method.graphs import graph_inference, graph_training_forward
 from method.learners import TaskContext, make_learner
 from method.memory import ExemplarMemory, budget_per_class, herding_order, random_order
+from method.phases import PhaseStore, StoredPhase, phase_keys
 from method.metrics import (
     accuracy_rows,
     average_accuracy,
@@ -47,6 +48,19 @@ STATE_FORMAT = 1
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run cannot go on."""
+
+
+class _NoSlot:
+    """A run without a phase store: nothing stored, nothing to save."""
+
+    entry = None
+    wants_entry = False
+
+    def save(self, phase: StoredPhase) -> None:  # pragma: no cover - wants_entry is False
+        raise AssertionError("a run without a phase store saves no phase")
+
+
+_NO_SLOT = _NoSlot()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,6 +180,7 @@ class IncrementalTrainer:
         benchmark: Optional[Benchmark] = None,
         progress: Optional[ProgressCallback] = None,
         device: Optional[torch.device] = None,
+        phase_store: Optional[PhaseStore] = None,
     ) -> None:
         # A copy: the caller's config is never changed (an unresolved one, from a test, is resolved here).
         self.cfg = resolve_dataset_defaults(copy.deepcopy(cfg))
@@ -174,6 +189,9 @@ class IncrementalTrainer:
         self.benchmark = benchmark or build_benchmark(cfg.data, cfg.protocol, cfg.seed)
         self.progress = progress or (lambda event: None)
         self.learner = make_learner(cfg.learner)
+        # Phases that another run trained with the same key are taken from the store, not retrained.
+        self.phase_store = phase_store
+        self.phase_keys = phase_keys(cfg, self.benchmark, self.device) if phase_store is not None else None
         self._graphed_model: Optional[IncrementalNet] = None  # the model whose backbone is captured
         on_cuda = self.device.type == "cuda"
         if cfg.train.cuda_graph and not on_cuda:
@@ -270,28 +288,73 @@ class IncrementalTrainer:
         ctx = self._task_context(task, num_old, num_seen, memory_indices, len(new_indices))
         self.learner.begin_task(ctx)
 
-        train_start = time.perf_counter()
-        loss, images_seen = self._train(task, train_indices, ctx)
-        self._synchronise()
-        train_seconds = time.perf_counter() - train_start
-
-        self.learner.end_task(self.model)
-        if cfg.learner.two_stage:
-            self._retrain_classifier(train_indices, num_seen)
-        self.old_model = frozen_teacher(self.model)  # this phase's final model, from here on
-        if self.learner.uses_memory:
-            self._update_memory(task, num_seen)
-        class_means = self._class_means(num_seen) if self.learner.nearest_mean else None
-        result = self._evaluate(task, num_seen, class_means)
+        with self._phase_slot(task) as slot:
+            stored = slot.entry
+            if stored is not None:
+                self._take_trained(stored)
+                loss, images_seen, train_seconds = stored.loss, stored.images_seen, stored.train_seconds
+            else:
+                train_start = time.perf_counter()
+                loss, images_seen = self._train(task, train_indices, ctx)
+                self._synchronise()
+                train_seconds = time.perf_counter() - train_start
+                self.learner.end_task(self.model)
+                if cfg.learner.two_stage:
+                    self._retrain_classifier(train_indices, num_seen)
+                trained = self._trained_state(task, loss, train_seconds, images_seen)
+            self.old_model = frozen_teacher(self.model)  # this phase's final model, from here on
+            herding_features = stored.herding_features if stored is not None else None
+            if self.learner.uses_memory:
+                herding_features = self._update_memory(task, num_seen, herding_features)
+            class_means = self._class_means(num_seen) if self.learner.nearest_mean else None
+            # Scores by nearest mean depend on the memory, which the phase key does not cover.
+            evaluation = stored.evaluation if stored is not None and class_means is None else None
+            if evaluation is None:
+                evaluation = self._score_phase(task, num_seen, class_means)
+            if stored is None and slot.wants_entry:
+                trained.herding_features = herding_features
+                trained.evaluation = evaluation if class_means is None else None
+                slot.save(trained)
+        result = self._evaluate(task, num_seen, evaluation)
         result.metrics.update(
             loss=loss,
             train_images_per_s=images_seen / max(train_seconds, 1e-9),
             train_seconds=train_seconds,
             phase_seconds=time.perf_counter() - phase_start,
+            phase_reused=float(stored is not None),
         )
         result.state = self._state(task)
+        result.reused_from = stored.trained_by if stored is not None else None
         self.progress(PhaseDone(task, bench.num_tasks, dict(result.metrics)))
         return result
+
+    def _phase_slot(self, task: int):
+        if self.phase_store is None:
+            return nullcontext(_NO_SLOT)
+        return self.phase_store.slot(self.phase_keys[task], task)
+
+    def _trained_state(self, task: int, loss: float, train_seconds: float, images_seen: int) -> StoredPhase:
+        """The phase as trained, before the memory update draws from the generator."""
+        return StoredPhase(
+            phase=task,
+            model={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            head_sizes=list(self.model.head_sizes),
+            torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            generator=self.generator.get_state(),
+            loss=loss,
+            train_seconds=train_seconds,
+            images_seen=images_seen,
+        )
+
+    def _take_trained(self, stored: StoredPhase) -> None:
+        if stored.head_sizes != list(self.model.head_sizes):
+            raise ValueError(f"stored phase {stored.phase} has heads {stored.head_sizes}, this run {self.model.head_sizes}")
+        self.model.load_state_dict(stored.model)
+        torch.set_rng_state(stored.torch_rng)
+        if stored.cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(stored.cuda_rng)
+        self.generator.set_state(stored.generator)
 
     def _task_context(self, task: int, num_old: int, num_seen: int, memory_indices: torch.Tensor, n_new: int) -> TaskContext:
         original = torch.as_tensor(self.benchmark.train_counts[:num_seen], dtype=torch.long)
@@ -322,15 +385,16 @@ class IncrementalTrainer:
 
     def _train(self, task: int, indices: torch.Tensor, ctx: TaskContext) -> tuple[float, int]:
         train = self.cfg.train
+        lr, epochs, milestones = train.for_task(task)
         optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+            self.model.parameters(), lr=lr, momentum=train.momentum, weight_decay=train.weight_decay
         )
-        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=train.milestones, gamma=train.lr_decay)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=train.lr_decay)
         batches_per_epoch = math.ceil(len(indices) / train.batch_size)
         epoch_loss = math.nan
         backbone, teacher = self.model.backbone, self.old_model
         captured = False  # graphs are captured on this task's first full batch
-        for epoch in range(train.epochs):
+        for epoch in range(epochs):
             self.model.train()
             loss_sum = torch.zeros((), device=self.device)
             for batch, (x, y) in enumerate(self.train_images.train_batches(indices, train.batch_size, self.generator)):
@@ -348,8 +412,8 @@ class IncrementalTrainer:
             val_acc = None
             if train.validate_every_epoch and len(self.benchmark.val):
                 val_acc = self._validation_accuracy(ctx.num_seen)
-            self.progress(EpochDone(task, epoch + 1, train.epochs, epoch_loss, optimizer.param_groups[0]["lr"], val_acc))
-        return epoch_loss, train.epochs * len(indices)
+            self.progress(EpochDone(task, epoch + 1, epochs, epoch_loss, optimizer.param_groups[0]["lr"], val_acc))
+        return epoch_loss, epochs * len(indices)
 
     def _graphed_forwards(self, sample: torch.Tensor) -> tuple[Callable, Optional[Callable]]:
         """CUDA-graphed backbone (captured once per model) and teacher (once per task)."""
@@ -388,19 +452,27 @@ class IncrementalTrainer:
             return torch.empty(0, self.model.head_weight.shape[1], device=self.device), torch.empty(0, dtype=torch.long)
         return torch.cat(features), torch.cat(labels)
 
-    def _update_memory(self, task: int, num_seen: int) -> None:
+    def _update_memory(self, task: int, num_seen: int, herding_features: Optional[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """Select the new classes' exemplars; returns each class's herding features for the store.
+
+        `herding_features` are a stored phase's: the same features of the same frozen model, so
+        the selection is the one that run would make for this run's budget.
+        """
         mem = self.cfg.memory
         per_class = budget_per_class(mem.budget, mem.per_class, mem.total, num_seen)
         if mem.budget == "total":
             self.memory.shrink(per_class)  # a fixed total: old classes give up their last-ranked exemplars
+        computed = dict(herding_features or {})
         for label in self.benchmark.task_classes[task]:
             candidates = torch.as_tensor(np.flatnonzero(self.benchmark.train.labels == label))
             if mem.selection == "herding":
-                features, _ = self._features(candidates, self.old_model)
-                ranked = herding_order(features, per_class)
+                if label not in computed:
+                    computed[label] = self._features(candidates, self.old_model)[0].cpu()
+                ranked = herding_order(computed[label].to(self.device), per_class)
             else:
                 ranked = random_order(len(candidates), per_class, self.generator)
             self.memory.update(label, candidates[ranked.cpu()])
+        return computed
 
     def _class_means(self, num_seen: int) -> torch.Tensor:
         """iCaRL: mean of L2-normalised exemplar features per class, renormalised; (C, D)."""
@@ -451,13 +523,20 @@ class IncrementalTrainer:
         return rows, len(indices)
 
     @torch.no_grad()
-    def _evaluate(self, task: int, num_seen: int, class_means: Optional[torch.Tensor]) -> PhaseResult:
+    def _score_phase(self, task: int, num_seen: int, class_means: Optional[torch.Tensor]) -> dict[str, Any]:
+        """The phase's final model on the test images and, in the same pass, the held-out ones."""
         bench = self.benchmark
-        rows, _ = self._score_split(self.test_images, self.test_labels, bench.test, task, num_seen, class_means)
+        test_rows, _ = self._score_split(self.test_images, self.test_labels, bench.test, task, num_seen, class_means)
+        val_rows, val_images = self._score_split(self.val_images, self.val_labels, bench.val, task, num_seen, class_means)
+        return {"test": test_rows, "val": val_rows, "val_images": val_images}
+
+    @torch.no_grad()
+    def _evaluate(self, task: int, num_seen: int, evaluation: dict[str, Any]) -> PhaseResult:
+        bench = self.benchmark
+        rows, val_rows, val_images = evaluation["test"], evaluation["val"], evaluation["val_images"]
         self.acc_matrix[task, : task + 1] = rows.acc
         self.task_aware_matrix[task, : task + 1] = rows.task_aware
-        # The same pass on the held-out images: a task without any stays NaN (method.md §4).
-        val_rows, val_images = self._score_split(self.val_images, self.val_labels, bench.val, task, num_seen, class_means)
+        # A task without held-out images stays NaN (method.md §4).
         self.val_matrix[task, : task + 1] = val_rows.acc
 
         train_counts = bench.train_counts[:num_seen]

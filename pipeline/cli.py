@@ -14,7 +14,7 @@ import typer
 from method.data import DataError
 from pipeline.check import PreflightError
 from pipeline.config import ConfigError
-from pipeline.display import ProgressDisplay, console, error, phase_table
+from pipeline.display import ProgressDisplay, console, error, phase_store_table, phase_table, reuse_line
 from pipeline.tracking import TrackingError
 
 app = typer.Typer(
@@ -57,6 +57,14 @@ DataRoot = Annotated[Optional[str], typer.Option("--data-root", help="Dataset fo
 TrackingUri = Annotated[
     Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
 ]
+PhaseStoreOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--phase-store",
+        help="Folder of trained phases that runs with the same first phases share, or 'off' "
+        "(default: $IMBCIL_PHASE_STORE, else the sweep's storage folder for a sweep and ~/.cache/imbcil/phases otherwise).",
+    ),
+]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as dotted key=value, e.g. train.lr=0.05.")]
 
 
@@ -64,7 +72,7 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides
     epilog=(
         "Examples:\n\n"
         "  imbcil run configs/quickstart.yaml --data-root ../shared/data\n\n"
-        "  imbcil run configs/quick.yaml train.epochs=2 learner.name=replay\n\n"
+        "  imbcil run configs/quickstart.yaml train.epochs=2 learner.name=replay\n\n"
         "  imbcil run --resume 3f2a... --data-root ../shared/data"
     )
 )
@@ -77,6 +85,7 @@ def run(
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the config's name).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: the config's device).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="MLflow run id to continue after its last logged phase.")] = None,
+    phase_store: PhaseStoreOption = None,
 ) -> None:
     """Train one run phase by phase, logging every phase to MLflow."""
     from pipeline.run import run_command
@@ -88,10 +97,11 @@ def run(
     with ProgressDisplay(label="run") as display:
         outcome = run_command(
             config, overrides or [], data_root=data_root, tracking_uri=tracking_uri, experiment=experiment,
-            device=device, resume=resume, progress=display,
+            device=device, resume=resume, progress=display, phase_store=phase_store,
         )
     tracker = outcome.tracker
     console.print(phase_table(outcome.metrics_by_phase, title="accuracy per phase (%)"))
+    console.print(reuse_line(outcome.metrics_by_phase, outcome.phase_store))
     final = outcome.metrics_by_phase[-1] if outcome.metrics_by_phase else {}
     if final:
         console.print(f"average incremental accuracy: {final['avg_incremental_acc']:.2f}%  last accuracy: {final['acc']:.2f}%")
@@ -174,6 +184,7 @@ def reproduce_cmd(
         Optional[float],
         typer.Option(help="GPUs Ray reserves for each run, fractions share one (default: 1 where Ray sees GPUs and the device is not cpu, else 0)."),
     ] = None,
+    phase_store: PhaseStoreOption = None,
 ) -> None:
     """Run configs over several seeds; mean +- std next to the paper's number, in MLflow and a report."""
     from rich.table import Table
@@ -186,7 +197,7 @@ def reproduce_cmd(
     outcome = reproduce_command(
         args, seeds, full_budget=full_budget, address=address, tracking_uri=tracking_uri, data_root=data_root,
         output=output, experiment=experiment, device=device, parallel=parallel, cpus_per_run=cpus_per_run,
-        gpus_per_run=gpus_per_run,
+        gpus_per_run=gpus_per_run, phase_store=phase_store,
     )
     table = Table(title=f"{outcome.plan.name}: mean ± std over seeds")
     for column in ("config", "learner", "seeds", *SUMMARY_HEADERS.values()):
@@ -197,6 +208,7 @@ def reproduce_cmd(
         )
     console.print(table)
     console.print(f"report: {outcome.report_path}")
+    console.print(outcome.reuse_line)
     console.print(f"MLflow parent run: {outcome.parent_run_id}")
     console.print(f"open it: {outcome.parent_url}")
 
@@ -235,6 +247,7 @@ def sweep_cmd(
     tracking_uri: TrackingUri = None,
     data_root: DataRoot = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the sweep's tune.name).")] = None,
+    phase_store: PhaseStoreOption = None,
 ) -> None:
     """Search hyperparameters with Ray Tune + Optuna: one MLflow run per trial under a sweep run."""
     from rich.console import Console
@@ -249,7 +262,7 @@ def sweep_cmd(
     try:
         outcome = sweep_command(
             sweep_file, overrides or [], address=address, storage=storage, resume=resume,
-            tracking_uri=tracking_uri, data_root=data_root, experiment=experiment, say=say,
+            tracking_uri=tracking_uri, data_root=data_root, experiment=experiment, phase_store=phase_store, say=say,
         )  # fmt: skip
     except SweepError as exc:
         error(str(exc))
@@ -336,6 +349,43 @@ def check_cmd(
     console.print(results_table(results))
     raise_on_failure(results)  # the last line on stderr names the first failed check; exit 2
     console.print("all checks passed")
+
+
+@app.command(
+    "phases",
+    epilog=(
+        "Examples:\n\n"
+        "  imbcil phases\n\n"
+        "  imbcil phases --store ray_results/phases --prune --older-than 30\n\n"
+        "  imbcil phases --prune --stale-code"
+    ),
+)
+@user_facing
+def phases_cmd(
+    store: Annotated[
+        Optional[str], typer.Option(help="The phase store (default: $IMBCIL_PHASE_STORE, else ~/.cache/imbcil/phases; a sweep's is <storage>/phases).")
+    ] = None,
+    prune: Annotated[bool, typer.Option("--prune", help="Remove entries first: those the other options name, and leftovers of writers that died.")] = False,
+    older_than: Annotated[Optional[float], typer.Option(help="With --prune: entries no run has used for this many days.")] = None,
+    stale_code: Annotated[bool, typer.Option("--stale-code", help="With --prune: entries of other method code, which no run can use.")] = False,
+    everything: Annotated[bool, typer.Option("--all", help="With --prune: every entry.")] = False,
+) -> None:
+    """List the phase store: each stored phase's key, phase, size, who trained it and which runs used it."""
+    from pipeline.phase_store import FolderPhaseStore, resolve_store_folder, user_store_folder
+
+    folder = resolve_store_folder(store, user_store_folder())
+    if folder is None:
+        raise ConfigError("--store: the phase store is off; name a folder")
+    if older_than is not None and older_than < 0:
+        raise ConfigError(f"--older-than: must be >= 0 days (got {older_than:g})")
+    if (older_than is not None or stale_code or everything) and not prune:
+        raise ConfigError("--older-than, --stale-code and --all choose what --prune removes; add --prune")
+    phase_store = FolderPhaseStore(folder)
+    if prune:
+        removed = phase_store.prune(older_than_s=None if older_than is None else older_than * 86400, stale_code=stale_code, everything=everything)
+        console.print(f"removed {len(removed)} entries ({sum(e.bytes for e in removed) / 1e6:.1f} MB)")
+    entries = phase_store.entries()
+    console.print(phase_store_table(entries, folder))
 
 
 def main() -> None:

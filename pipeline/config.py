@@ -135,10 +135,9 @@ def _check_rules(cfg: RunConfig) -> None:
         raise ConfigError(
             f"protocol.incremental_tasks: {rest} remaining classes do not split evenly into {tasks} tasks"
         )
-    if cfg.train.milestones is not None:
-        ms = cfg.train.milestones
-        if any(m < 1 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
-            raise ConfigError(f"train.milestones: must be increasing positive epochs (got {ms})")
+    for key, ms in (("train.milestones", cfg.train.milestones), ("train.first_task.milestones", cfg.train.first_task.milestones)):
+        if ms is not None and (any(m < 1 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:]))):
+            raise ConfigError(f"{key}: must be increasing positive epochs (got {ms})")
     if cfg.memory.budget == "total":
         seen_at_end = num_classes
         if cfg.memory.total < seen_at_end:

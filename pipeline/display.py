@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -90,6 +91,32 @@ def phase_table(rows: Sequence[dict[str, float]], title: str = "") -> Table:
             _fmt(m.get("forgetting")),
             _fmt(m.get("acc_many")), _fmt(m.get("acc_medium")), _fmt(m.get("acc_few")),
             _fmt(m.get("train_images_per_s"), 0), _fmt(m.get("phase_seconds"), 1),
+        )
+    return table
+
+
+def reuse_line(rows: Sequence[dict[str, float]], store: Optional[Path]) -> str:
+    """How many of a run's phases came from the phase store, and which store."""
+    reused = [phase for phase, m in enumerate(rows) if m.get("phase_reused") == 1.0]
+    if store is None:
+        return "phase store off: every phase trained here"
+    which = f" ({', '.join(phase_label(p, len(rows)) for p in reused)})" if reused else ""
+    return f"phases reused from the store: {len(reused)} of {len(rows)}{which}; store {store}"
+
+
+def phase_store_table(entries: Sequence[Any], folder: Path) -> Table:
+    """`imbcil phases`: one row per stored phase (pipeline.phase_store.EntryInfo)."""
+    import datetime
+
+    total = sum(e.bytes for e in entries)
+    table = Table(title=f"phase store {folder}: {len(entries)} entries, {total / 1e6:.1f} MB")
+    for column in ("key", "phase", "MB", "trained by", "used by", "last used", "usable"):
+        table.add_column(column, justify="right" if column in ("phase", "MB") else "left")
+    for e in entries:
+        last = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M") if e.last_used else "-"
+        table.add_row(
+            e.key[:12], "-" if e.phase is None else str(e.phase), f"{e.bytes / 1e6:.1f}", e.trained_by or "-",
+            ", ".join(e.used_by) or "-", last, "yes" if e.current else "no: other code",
         )
     return table
 

@@ -23,6 +23,13 @@ REPRODUCTION_KIND, REPRODUCTION_RUN_KIND = "reproduction", "reproduction-run"  #
 # "Phase t is fully logged": set only after the phase's metrics and artifacts are stored, so a
 # resumed run never trusts a phase that was cut off half way.
 LAST_PHASE_TAG = "imbcil.last_phase"
+
+
+def phase_from_tag(phase: int) -> str:
+    """The run that trained phase `phase` of this run: itself, or the one whose stored phase it took."""
+    return f"imbcil.phase_{phase}_from"
+
+
 ERROR_TAG = "imbcil.error"
 RUN_KEY_TAG = "imbcil.run_key"  # what makes a retried run creation find the run it made
 PROBE_TAG = "imbcil.preflight_probe"

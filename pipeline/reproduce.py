@@ -39,6 +39,7 @@ from pipeline.names import (
     REPRODUCTION_TABLE_FILE,
 )
 from pipeline.run import train_tracked
+from pipeline.phase_store import PHASE_STORE_DIR, describe as describe_store, resolve_store_folder, user_store_folder
 from pipeline.runtime import absolute_store_uri, decoded_data, exception_line, forget_decoded_data, start_local_ray
 from pipeline.tracking import (
     RunTracker,
@@ -136,6 +137,7 @@ class Plan:
     tracking_uri: str
     address: Optional[str]
     command: str = ""
+    phase_store: Optional[Path] = None  # shared phases; None: off
 
     @property
     def num_runs(self) -> int:
@@ -173,6 +175,7 @@ def make_plan(
     output: Optional[str] = None,
     experiment: Optional[str] = None,
     device: Optional[str] = None,
+    phase_store: Optional[str] = None,
 ) -> Plan:
     """Load and validate every config; all configs must share one setting (one paper column)."""
     configs = []
@@ -206,6 +209,8 @@ def make_plan(
         full_budget=full_budget,
         tracking_uri=absolute_store_uri(resolve_tracking_uri(tracking_uri)),
         address=address,
+        # On a cluster the user's cache is one node's: the output folder is the driver's guess.
+        phase_store=resolve_store_folder(phase_store, user_store_folder() if address is None else out.absolute() / PHASE_STORE_DIR),
     )
     plan.command = _command_line(plan, overrides, data_root, device)
     return plan
@@ -234,6 +239,7 @@ def _command_line(plan: Plan, overrides: Sequence[str], data_root: Optional[str]
 class SeedJob:
     config_name: str
     cfg: RunConfig  # seed already set
+    phase_store: Optional[Path] = None
 
     @property
     def label(self) -> str:
@@ -261,7 +267,7 @@ def run_seed(job: SeedJob, tracking_uri: str, experiment: str, parent_run_id: st
     tags = {KIND_TAG: REPRODUCTION_RUN_KIND, CONFIG_NAME_TAG: job.config_name}
     tracker = RunTracker(tracking_uri, experiment, run_name=job.label, parent_run_id=parent_run_id, tags=tags)
     with tracker:
-        results = train_tracked(cfg, tracker, benchmark=benchmark, progress=phase_printer(job.label))
+        results = train_tracked(cfg, tracker, benchmark=benchmark, progress=phase_printer(job.label), phase_store=job.phase_store)
     return report.SeedResult(job.config_name, cfg.learner.name, cfg.seed, tracker.run_id, [dict(r.metrics) for r in results])
 
 
@@ -399,6 +405,14 @@ class Outcome:
     summaries: list[report.ConfigSummary]
     failures: list[Failure] = field(default_factory=list)
     executor: str = ""
+    phases_reused: int = 0
+    phases_total: int = 0
+
+    @property
+    def reuse_line(self) -> str:
+        if self.plan.phase_store is None:
+            return describe_store(None)
+        return f"phases reused from the store: {self.phases_reused} of {self.phases_total}; store {self.plan.phase_store}"
 
 
 def check_inputs(plan: Plan, cpus_per_run: float, gpus_per_run: Optional[float]) -> None:
@@ -425,7 +439,7 @@ def _jobs(plan: Plan) -> list[SeedJob]:
         for entry in plan.entries:
             cfg = copy.deepcopy(entry.cfg)
             cfg.seed = seed
-            jobs.append(SeedJob(entry.config_name, cfg))
+            jobs.append(SeedJob(entry.config_name, cfg, plan.phase_store))
     return jobs
 
 
@@ -561,9 +575,11 @@ def _run_all(plan: Plan, jobs: list[SeedJob], executor: Any, cpus: float, gpus: 
                     parent.retrying.log_artifact(parent.run_id, str(plan.output_dir / name))
         except (MlflowException, OSError) as exc:
             raise TrackingError(f"could not log the aggregate in {redact_uri(plan.tracking_uri)}: {exception_line(exc)}") from exc
+        phases = [m for r in results for m in r.metrics_by_phase]
         outcome = Outcome(
-            plan, parent.run_id, parent.url, plan.output_dir, report_path, summaries, failures, executor.description
-        )
+            plan, parent.run_id, parent.url, plan.output_dir, report_path, summaries, failures, executor.description,
+            phases_reused=sum(m.get("phase_reused") == 1.0 for m in phases), phases_total=len(phases),
+        )  # fmt: skip
         if failures:
             first_failure = failures[0]
             raise RunsFailed(
@@ -587,6 +603,7 @@ def reproduce_command(
     parallel: Optional[int] = None,
     cpus_per_run: float = 1.0,
     gpus_per_run: Optional[float] = None,
+    phase_store: Optional[str] = None,
 ) -> Outcome:
     """Everything `imbcil reproduce` does, from the raw command-line tokens."""
     config_paths, overrides, extra_seeds = split_arguments(tokens, seeds_given=bool(seed_values))
@@ -599,6 +616,6 @@ def reproduce_command(
         raise ConfigError(f"--gpus-per-run: must be >= 0 (got {gpus_per_run:g})")
     plan = make_plan(
         config_paths, overrides, seeds, full_budget=full_budget, address=address, tracking_uri=tracking_uri,
-        data_root=data_root, output=output, experiment=experiment, device=device,
+        data_root=data_root, output=output, experiment=experiment, device=device, phase_store=phase_store,
     )
     return reproduce(plan, parallel=parallel, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)

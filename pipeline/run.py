@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 from method.config import RunConfig
@@ -16,6 +17,7 @@ from method.results import PhaseResult
 from method.events import ProgressCallback
 from method.trainer import IncrementalTrainer
 from pipeline.config import ConfigError, config_from_dict, config_to_dict, flatten, read_yaml, resolve, resolve_dict
+from pipeline.phase_store import FolderPhaseStore, resolve_store_folder, user_store_folder
 from pipeline.runtime import decoded_data
 from pipeline.tracking import RunTracker, TrackingError, check_tracking, resolve_tracking_uri
 
@@ -46,11 +48,17 @@ def train_tracked(
     progress: Optional[ProgressCallback] = None,
     on_phase: Optional[Callable[[PhaseResult], None]] = None,
     extra_tags: Optional[dict] = None,
+    phase_store: Optional[Path] = None,
 ) -> list[PhaseResult]:
-    """Train the phases the run has not logged yet, logging each one as soon as it ends."""
+    """Train the phases the run has not logged yet, logging each one as soon as it ends.
+
+    With a `phase_store` folder, a phase that another run trained with the same key is taken from
+    it (and still logged here, with a tag naming that run), and each phase trained here is stored.
+    """
     last = tracker.last_logged_phase()
     state = tracker.load_checkpoint(last) if last is not None else None
-    trainer = IncrementalTrainer(cfg, benchmark=benchmark, progress=progress)
+    store = FolderPhaseStore(phase_store, owner=tracker.run_id) if phase_store is not None else None
+    trainer = IncrementalTrainer(cfg, benchmark=benchmark, progress=progress, phase_store=store)
     if state is None:
         tracker.log_config(cfg, extra_tags)
         tracker.log_class_order(trainer.benchmark.class_order, _names_by_original_label(trainer.benchmark))
@@ -75,6 +83,7 @@ class RunOutcome:
     tracker: RunTracker
     results: list[PhaseResult]
     metrics_by_phase: list[dict[str, float]]
+    phase_store: Optional[Path]
 
 
 def run_command(
@@ -87,9 +96,11 @@ def run_command(
     device: Optional[str],
     resume: Optional[str],
     progress: Optional[ProgressCallback] = None,
+    phase_store: Optional[str] = None,
 ) -> RunOutcome:
     """Everything `imbcil run` does; every check that can fail runs before training starts."""
     uri = resolve_tracking_uri(tracking_uri)
+    store = resolve_store_folder(phase_store, user_store_folder())
     given = None
     if config_path is not None or overrides or not resume:
         given = resolve(config_path, overrides, data_root=data_root, device=device)
@@ -111,9 +122,9 @@ def run_command(
         tracker = RunTracker(uri, experiment or cfg.name, run_name=cfg.name)
     previous = tracker.accuracy_per_phase
     with tracker:
-        results = train_tracked(cfg, tracker, benchmark=benchmark, progress=progress)
+        results = train_tracked(cfg, tracker, benchmark=benchmark, progress=progress, phase_store=store)
     metrics = _metric_rows(tracker, len(previous)) + [r.metrics for r in results]
-    return RunOutcome(tracker, results, metrics)
+    return RunOutcome(tracker, results, metrics, store)
 
 
 def _metric_rows(tracker: RunTracker, phases: int) -> list[dict[str, float]]:

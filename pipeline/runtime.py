@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional
 
 if TYPE_CHECKING:
     from method.config import DataConfig
@@ -169,7 +169,7 @@ def forget_decoded_data() -> None:
     _DECODED.clear()
 
 
-def _cache_root() -> Optional[Path]:
+def cache_root() -> Optional[Path]:
     configured = os.environ.get(CACHE_ENV, "")
     if configured.lower() == "off":
         return None
@@ -178,7 +178,7 @@ def _cache_root() -> Optional[Path]:
 
 def _cache_entry(dataset: str, source: str, files: list[Path]) -> Optional[Path]:
     """The cache folder of exactly these source files as they are now; None without a cache or files."""
-    root = _cache_root()
+    root = cache_root()
     if root is None or not all(path.is_file() for path in files):
         return None
     stamp = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
@@ -205,25 +205,37 @@ def _read_cached(folder: Path) -> Optional["RawData"]:
 
 
 def _write_cached(folder: Path, raw: "RawData") -> None:
-    """Write a complete entry beside the final name and rename it there: a reader never sees half of
-    one, and of two processes filling it at once, the first rename wins and the other's copy goes."""
     import numpy as np
 
     arrays = {
         "train_images": raw.train_images.numpy(), "test_images": raw.test_images.numpy(),
         "train_labels": np.asarray(raw.train_labels), "test_labels": np.asarray(raw.test_labels),
     }  # fmt: skip
+
+    def write(staging: Path) -> None:
+        for name, array in arrays.items():
+            np.save(staging / f"{name}.npy", array)
+        (staging / "meta.json").write_text(json.dumps({"format": _CACHE_FORMAT, "class_names": list(raw.class_names)}))
+
+    publish_folder(folder, write)
+
+
+def publish_folder(folder: Path, write: Callable[[Path], None]) -> bool:
+    """Fill a folder beside its final name and rename it there; False when it did not land.
+
+    A reader never sees half of one, and of two processes publishing the same folder at once the
+    first rename wins and the other's copy goes. A cache that cannot be written is no error.
+    """
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     except OSError:
-        return  # no writable cache here: decoding each time still works
+        return False
     try:
-        for name, array in arrays.items():
-            np.save(staging / f"{name}.npy", array)
-        (staging / "meta.json").write_text(json.dumps({"format": _CACHE_FORMAT, "class_names": list(raw.class_names)}))
+        write(staging)
         os.rename(staging, folder)
+        return True
     except OSError:
-        pass  # another process renamed its complete copy first, or the disk is full
+        return False  # another process renamed its complete copy first, or the disk is full
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -52,6 +52,7 @@ from pipeline.names import (
     PARENT_RUN_TAG,
     RUN_KEY_TAG,
     USER_TAG,
+    phase_from_tag,
 )
 from pipeline.runtime import scoped_env, shorten
 
@@ -838,7 +839,7 @@ class RunTracker:
             curve = [self._acc_by_phase.get(p, math.nan) for p in range(t + 1)]
             plots.accuracy_curve(curve, root / "acc_curve.png", label="acc")
             self._call(action, lambda: self.client.log_artifacts(self._run_id, tmp))
-        done = [RunTag(LAST_PHASE_TAG, str(t))]
+        done = [RunTag(LAST_PHASE_TAG, str(t)), RunTag(phase_from_tag(t), result.reused_from or self._run_id)]
         for start in range(0, max(len(metrics), 1), _METRIC_BATCH_LIMIT):
             chunk = metrics[start : start + _METRIC_BATCH_LIMIT]
             # The marker rides with the last chunk: it is set only once every metric is stored.

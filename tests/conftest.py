@@ -20,10 +20,15 @@ import pytest
 
 
 def pytest_configure(config):
-    """Decoded datasets go to a cache of this session's own, not the user's ~/.cache/imbcil."""
+    """Decoded datasets go to a cache of this session's own, not the user's ~/.cache/imbcil.
+
+    The phase store is off unless a test turns it on: tests that train the same tiny config
+    each check their own training, not a phase another test left behind.
+    """
     import tempfile
 
     os.environ.setdefault("IMBCIL_CACHE", tempfile.mkdtemp(prefix="imbcil-test-cache-"))
+    os.environ.setdefault("IMBCIL_PHASE_STORE", "off")
 
 POSTGRES_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
 SERVER_START_TIMEOUT_S = 90.0

@@ -58,6 +58,7 @@ from pipeline.names import (
     TRIAL_CONFIG_DIR,
     TRIAL_ID_TAG,
 )
+from pipeline.phase_store import PHASE_STORE_DIR, describe as describe_store, resolve_store_folder
 from pipeline.runtime import absolute_store_uri, error_line, scoped_env, start_local_ray
 from pipeline.sweep.spec import (
     SweepSpec,
@@ -287,6 +288,7 @@ def sweep_command(
     tracking_uri: Optional[str] = None,
     data_root: Optional[str] = None,
     experiment: Optional[str] = None,
+    phase_store: Optional[str] = None,
     say: Callable[[str], None] = print,
 ) -> SweepOutcome:
     """Everything `imbcil sweep` does. Each check that can fail runs before Ray starts."""
@@ -298,6 +300,8 @@ def sweep_command(
         say(warning)
     storage_dir = _storage_dir(storage)
     experiment_dir = storage_dir / spec.name
+    # In the storage folder, which every node sees: the sweeps kept there share their phases.
+    store = resolve_store_folder(phase_store, storage_dir / PHASE_STORE_DIR)
     results_dir = experiment_dir / RESULTS_DIR
     saved_spec = _saved_spec(results_dir)
     restorable = (experiment_dir / "tuner.pkl").is_file()
@@ -339,11 +343,13 @@ def sweep_command(
         searched = ", ".join(spec.space)
         say(f"sweep {spec.name}: {spec.tune.num_samples} trials searching {searched}; Ray results in {experiment_dir}")
         say(f"MLflow parent run: {parent.url}")
+        say(describe_store(store))
         orphans = _orphaned_runs(parent, experiment_dir) if resume and restorable else ()
         context = TrialContext(
             base=config_to_dict(spec.base), tracking_uri=uri, experiment=experiment_name,
             experiment_id=parent.experiment_id, parent_run_id=parent.run_id, sweep=spec.name,
             metric=spec.tune.metric, threads=max(1, int(spec.tune.resources_per_trial["cpu"])), orphans=orphans,
+            phase_store=None if store is None else str(store),
         )  # fmt: skip
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), dict(spec.tune.resources_per_trial))

@@ -56,6 +56,11 @@ class TrialSummary:
     def phases_done(self) -> int:
         return len(self.metrics_by_phase)
 
+    @property
+    def phases_reused(self) -> int:
+        """Reported phases whose training came from the phase store."""
+        return sum(m.get("phase_reused") == 1.0 for m in self.metrics_by_phase.values())
+
 
 def summarise_trials(experiment_dir: Path, spec: SweepSpec) -> list[TrialSummary]:
     """Every trial of the experiment, from Ray's stored state and result files (in trial order)."""
@@ -160,6 +165,7 @@ def leaderboard_rows(trials: list[TrialSummary], spec: SweepSpec) -> list[dict[s
         beside = reported_beside(metric)
         if beside:
             row[f"final {beside}"] = trial.last_value(beside) if trial.status == FINISHED else math.nan
+        row["phases_reused"] = trial.phases_reused
         row["mlflow_run_id"] = trial.mlflow_run_id
         row["error"] = trial.error
         rows.append(row)
@@ -186,15 +192,19 @@ def leaderboard_table(trials: list[TrialSummary], spec: SweepSpec, limit: int = 
     if beside:
         table.add_column(f"final {beside}", justify="right", no_wrap=True)
     table.add_column(f"{metric} by phase", no_wrap=True)
+    table.add_column("reused", justify="right", no_wrap=True)
     table.add_column("sampled values", ratio=1)
     for rank, trial in enumerate(trials[:limit], start=1):
         per_phase = " ".join(short_value(v, 2) for v in trial.values(metric)) or "-"
         final = short_value(trial.last_value(metric), 2) if trial.status == FINISHED else "-"
         values = "  ".join(f"{names[k]}={short_value(trial.params.get(k))}" for k in spec.space)
         reported = [short_value(trial.last_value(beside), 2) if trial.status == FINISHED else "-"] if beside else []
-        table.add_row(str(rank), trial.trial_id, trial.status, final, *reported, per_phase, values)
+        reused = f"{trial.phases_reused}/{trial.phases_done}"
+        table.add_row(str(rank), trial.trial_id, trial.status, final, *reported, per_phase, reused, values)
+    captions = [reuse_summary(trials)]
     if len(trials) > limit:
-        table.caption = f"{len(trials) - limit} more trials in the results table"
+        captions.append(f"{len(trials) - limit} more trials in the results table")
+    table.caption = "; ".join(captions)
     return table
 
 
@@ -202,7 +212,7 @@ def leaderboard_markdown(trials: list[TrialSummary], spec: SweepSpec) -> str:
     metric = spec.tune.metric
     beside = reported_beside(metric)
     names = _short_names(list(spec.space))
-    header = ["#", "trial", "status", *names.values(), f"{metric} by phase", "final", *([f"final {beside}"] if beside else [])]
+    header = ["#", "trial", "status", *names.values(), f"{metric} by phase", "final", *([f"final {beside}"] if beside else []), "reused"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rank, trial in enumerate(trials, start=1):
         per_phase = " ".join(short_value(v, 2) for v in trial.values(metric)) or "-"
@@ -210,8 +220,15 @@ def leaderboard_markdown(trials: list[TrialSummary], spec: SweepSpec) -> str:
         cells = [str(rank), trial.trial_id, trial.status, *(short_value(trial.params.get(k)) for k in names), per_phase, final]
         if beside:
             cells.append(short_value(trial.last_value(beside), 2) if trial.status == FINISHED else "-")
+        cells.append(f"{trial.phases_reused}/{trial.phases_done}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + reuse_summary(trials) + "\n"
+
+
+def reuse_summary(trials: list[TrialSummary]) -> str:
+    """'12 of 40 phases reused from the phase store': what sharing saved the sweep."""
+    done = sum(t.phases_done for t in trials)
+    return f"{sum(t.phases_reused for t in trials)} of {done} phases reused from the phase store"
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:

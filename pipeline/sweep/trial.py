@@ -69,6 +69,7 @@ class TrialContext:
     # (run id, its trial id, sampled values as JSON): the restored searcher proposes those
     # points again, and the new trial adopts the matching run instead of opening a second one.
     orphans: tuple[tuple[str, str, str], ...] = ()
+    phase_store: Optional[str] = None  # the folder of shared phases; None: off
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -107,7 +108,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         tracker.finish("FINISHED")
         return
     try:
-        train_tracked(cfg, tracker, benchmark=benchmark, on_phase=reporter.report)
+        store = Path(context.phase_store) if context.phase_store else None
+        train_tracked(cfg, tracker, benchmark=benchmark, on_phase=reporter.report, phase_store=store)
     except NonFiniteLossError as exc:
         reporter.diverged(exc)
         return

@@ -88,7 +88,7 @@ def score_phase(trainer, phase, val_predictions):
     for image_id, prediction in val_predictions.items():
         table[image_id] = prediction
     num_seen = sum(len(c) for c in TASKS[: phase + 1])
-    return trainer._evaluate(phase, num_seen, None)
+    return trainer._evaluate(phase, num_seen, trainer._score_phase(phase, num_seen, None))
 
 
 def test_validation_metrics_of_a_hand_made_benchmark():

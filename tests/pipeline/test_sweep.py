@@ -230,17 +230,23 @@ def test_the_leaderboard_ranks_by_validation_and_shows_the_test_metric_beside(sw
 
     s = spec(sweep_kit, tune={**sweep_kit.tune, "metric": "val_avg_incremental_acc", "mode": "max"})
 
-    def trial(trial_id, val, test):
-        phases = {p: {"val_avg_incremental_acc": val + 10 - 5 * p, "avg_incremental_acc": test + 10 - 5 * p} for p in range(3)}
+    def trial(trial_id, val, test, reused=()):
+        phases = {
+            p: {"val_avg_incremental_acc": val + 10 - 5 * p, "avg_incremental_acc": test + 10 - 5 * p, "phase_reused": float(p in reused)}
+            for p in range(3)
+        }
         return TrialSummary(trial_id, "finished", {"train.lr": 0.05}, 3, phases)
 
-    trials = rank_trials([trial("a", 30.0, 40.0), trial("b", 35.0, 20.0)], s.tune.metric, s.tune.mode)
+    trials = rank_trials([trial("a", 30.0, 40.0), trial("b", 35.0, 20.0, reused=(0, 1))], s.tune.metric, s.tune.mode)
     assert [t.trial_id for t in trials] == ["b", "a"]  # b is better on validation, a on test
     rows = leaderboard_rows(trials, s)
     assert (rows[0]["final"], rows[0]["final avg_incremental_acc"]) == (35.0, 20.0)
     lines = leaderboard_markdown(trials, s).splitlines()
-    assert lines[0].endswith("| val_avg_incremental_acc by phase | final | final avg_incremental_acc |")
-    assert lines[2].startswith("| 1 | b |") and lines[2].endswith("| 45.00 40.00 35.00 | 35.00 | 20.00 |")
+    assert lines[0].endswith("| val_avg_incremental_acc by phase | final | final avg_incremental_acc | reused |")
+    assert lines[2].startswith("| 1 | b |") and lines[2].endswith("| 45.00 40.00 35.00 | 35.00 | 20.00 | 2/3 |")
+    assert lines[3].endswith("| 0/3 |")
+    assert lines[-1] == "2 of 6 phases reused from the phase store"
+    assert [row["phases_reused"] for row in rows] == [2, 0]
 
 
 # ---------------------------------------------------------------------------------------------
