@@ -251,6 +251,7 @@ def paper_budget(cfg: RunConfig) -> RunConfig:
     facts = DATASET_FACTS[cfg.data.dataset]
     cfg.train.epochs = facts["epochs"]
     cfg.train.milestones = list(facts["milestones"])
+    cfg.train.first_task.epochs = cfg.train.first_task.milestones = None  # the first task too
     cfg.train.weight_decay = facts["weight_decay"]
     cfg.train.lr_decay = 0.1
     cfg.train.momentum = 0.9
