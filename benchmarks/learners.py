@@ -1,9 +1,12 @@
 """Average incremental accuracy of every learner and DGR ablation on CIFAR-10-LT shuffled LFS-5.
 
     PYTHONPATH=. python benchmarks/learners.py --data-root ../shared/data --epochs 20 --milestones 10 15
+    PYTHONPATH=. python benchmarks/learners.py --data-root ../shared/data --phase-store /tmp/phases
 
 One run per row, seed 0, the same benchmark object for all. Prints a Markdown table with the
-average incremental accuracy, the last accuracy and the wall time of each row.
+average incremental accuracy, the last accuracy and the wall time of each row, and the total.
+With --phase-store, rows that train the same first phases share them (replay, lwf, icarl and wa
+share phase 0, as do dgr and its ablations of the later phases); the reused column says which.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from method.config import RunConfig, resolve_dataset_defaults
 from method.data import build_benchmark
 from method.trainer import IncrementalTrainer
+from pipeline.phase_store import FolderPhaseStore
 
 ROWS = {
     "finetune": ("finetune", {}),
@@ -56,24 +61,30 @@ def main() -> None:
     parser.add_argument("--train-fraction", type=float, default=1.0)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--phase-store", default=None, help="a phase-store folder the rows share (default: none)")
     args = parser.parse_args()
+    store = FolderPhaseStore(Path(args.phase_store)) if args.phase_store else None
     if args.threads:
         torch.set_num_threads(args.threads)
     first = config(args, "dgr", {})
     benchmark = build_benchmark(first.data, first.protocol, first.seed)
     print(f"CIFAR-10-LT shuffled LFS-5, seed {args.seed}, {args.epochs} epochs, milestones {args.milestones}, "
           f"train fraction {args.train_fraction}\n")
-    print("| learner | avg incremental acc % | last acc % | wall s |\n|---|---|---|---|", flush=True)
+    print("| learner | avg incremental acc % | last acc % | wall s | phases reused |\n|---|---|---|---|---|", flush=True)
+    began = time.perf_counter()
     for row in args.rows:
         learner, switches = ROWS[row]
         start = time.perf_counter()
         results = []
-        for result in IncrementalTrainer(config(args, learner, switches), benchmark=benchmark).phases():
+        owned = store.for_owner(row) if store is not None else None
+        for result in IncrementalTrainer(config(args, learner, switches), benchmark=benchmark, phase_store=owned).phases():
             results.append(result)
             print(f"  {row}: phase {result.phase} acc {result.metrics['acc']:.2f}% "
                   f"({result.metrics['phase_seconds']:.0f} s)", file=sys.stderr, flush=True)
         final = results[-1].metrics
-        print(f"| {row} | {final['avg_incremental_acc']:.2f} | {final['acc']:.2f} | {time.perf_counter() - start:.0f} |", flush=True)
+        reused = ", ".join(f"{r.phase} ({r.reused_from})" for r in results if r.reused_from) or "-"
+        print(f"| {row} | {final['avg_incremental_acc']:.2f} | {final['acc']:.2f} | {time.perf_counter() - start:.0f} | {reused} |", flush=True)
+    print(f"\nall rows: {time.perf_counter() - began:.0f} s wall, phase store {args.phase_store or 'off'}", flush=True)
 
 
 if __name__ == "__main__":

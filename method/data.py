@@ -294,9 +294,12 @@ def _read_file_lists(root: Path) -> RawData:
     train_paths, train_labels = read_file_list(root / "train.txt", root)
     test_paths, test_labels = read_file_list(root / "test.txt", root)
     num_classes = int(max(train_labels.max(initial=-1), test_labels.max(initial=-1))) + 1
-    return RawData(
-        train_labels, test_labels, [str(c) for c in range(num_classes)], train_paths=train_paths, test_paths=test_paths
-    )
+    names = [str(c) for c in range(num_classes)]
+    named = root / "classes.txt"  # written by `imbcil lists`: one class name per label
+    if named.is_file():
+        listed = [line.strip() for line in named.read_text().splitlines() if line.strip()]
+        names[: len(listed)] = listed[:num_classes]
+    return RawData(train_labels, test_labels, names, train_paths=train_paths, test_paths=test_paths)
 
 
 # ----------------------------------------------------------------------------- the LT protocol

@@ -352,6 +352,39 @@ def check_cmd(
 
 
 @app.command(
+    "lists",
+    epilog=(
+        "Examples:\n\n"
+        "  imbcil lists imagefolder /data/my_dataset\n\n"
+        "  imbcil lists food101 /data/food-101\n\n"
+        "  imbcil lists imagenet-subset /data/ILSVRC2012 --output /data/imagenet_subset"
+    ),
+)
+@user_facing
+def lists_cmd(
+    layout: Annotated[str, typer.Argument(help="imagefolder, food101, imagenet-subset or imagenet.")],
+    source: Annotated[str, typer.Argument(help="The dataset's folder.")],
+    output: Annotated[Optional[str], typer.Option(help="Where train.txt, test.txt and classes.txt go: the --data-root of the runs (default: the dataset's folder).")] = None,
+) -> None:
+    """Write the train.txt / test.txt lists that the file-list datasets read, after checking the images."""
+    from pathlib import Path
+
+    from pipeline.lists import check_images, make_lists, write_lists
+
+    folder = Path(source).expanduser().absolute()
+    out = Path(output).expanduser().absolute() if output else folder
+    made = make_lists(layout, folder, out)
+    check_images(made, out)
+    written = write_lists(made, out)
+    train, test = made.counts("train"), made.counts("test")
+    console.print(
+        f"{len(made.classes)} classes; training images per class {min(train)}..{max(train)} ({sum(train)} in all), "
+        f"test images per class {min(test)}..{max(test)} ({sum(test)} in all)"
+    )
+    console.print(f"wrote {', '.join(str(p) for p in written)}; run with --data-root {out}")
+
+
+@app.command(
     "phases",
     epilog=(
         "Examples:\n\n"

@@ -49,8 +49,9 @@ def train_tracked(
     on_phase: Optional[Callable[[PhaseResult], None]] = None,
     extra_tags: Optional[dict] = None,
     phase_store: Optional[Path] = None,
+    phases: Optional[int] = None,
 ) -> list[PhaseResult]:
-    """Train the phases the run has not logged yet, logging each one as soon as it ends.
+    """Train the phases the run has not logged yet (up to `phases`), logging each one as soon as it ends.
 
     With a `phase_store` folder, a phase that another run trained with the same key is taken from
     it (and still logged here, with a tag naming that run), and each phase trained here is stored.
@@ -68,6 +69,8 @@ def train_tracked(
         results.append(result)
         if on_phase is not None:
             on_phase(result)
+        if phases is not None and result.phase + 1 >= phases:
+            break
     return results
 
 

@@ -231,6 +231,7 @@ class SweepOutcome:
     table_path: Path
     interrupted: bool
     wall_seconds: float
+    first_stage: Optional["SweepOutcome"] = None  # a staged sweep's first stage
 
     @property
     def url(self) -> str:
@@ -291,13 +292,58 @@ def sweep_command(
     phase_store: Optional[str] = None,
     say: Callable[[str], None] = print,
 ) -> SweepOutcome:
-    """Everything `imbcil sweep` does. Each check that can fail runs before Ray starts."""
+    """Everything `imbcil sweep` does. Each check that can fail runs before Ray starts.
+
+    A staged sweep (a `first_task:` section) is two sweeps in one storage folder: the first
+    searches the first task's settings on phase 0 alone, the second starts from the best of them,
+    so that its trials all take that phase 0 from the phase store. `--resume` continues whichever
+    stage was cut off.
+    """
     started = time.monotonic()
     # Its data root is absolute: trials run in their own working directories.
     spec = load_sweep(sweep_file, overrides, data_root=data_root)
     warning = test_selection_warning(spec)
     if warning:
         say(warning)
+    options = dict(address=address, storage=storage, tracking_uri=tracking_uri, experiment=experiment, phase_store=phase_store, say=say)
+    first = spec.first_stage()
+    if first is None:
+        return _run_sweep(spec, resume=resume, started=started, **options)
+    if phase_store is not None and phase_store.strip().lower() == "off":
+        say("warning: the phase store is off, so the second stage trains phase 0 again in every trial")
+    say(f"stage 1 of 2, sweep {first.name}: {', '.join(first.space)} on phase 0 alone")
+    stage_one = _run_sweep(first, resume=resume, started=started, **options)
+    best = stage_one.best
+    if stage_one.interrupted or best is None:
+        if best is None and not stage_one.interrupted:
+            raise SweepError(f"stage 1 ({first.name}) finished no trial, so there is no first task to go on from")
+        return stage_one
+    chosen = {key: best.params[key] for key in first.space}
+    say(
+        f"stage 1 best: {', '.join(f'{k}={v}' for k, v in chosen.items())} ({spec.tune.metric} "
+        f"{best.last_value(spec.tune.metric):.4f}, trial {best.trial_id}); stage 2 of 2, sweep {spec.name}, goes on from it"
+    )
+    second = spec.with_first_task_of(chosen)
+    # A resume that cut stage 1 off has no stage 2 yet to resume.
+    stage_two_saved = _saved_spec(_storage_dir(storage) / second.name / RESULTS_DIR) is not None
+    outcome = _run_sweep(second, resume=resume and stage_two_saved, started=started, **options)
+    outcome.first_stage = stage_one
+    return outcome
+
+
+def _run_sweep(
+    spec: SweepSpec,
+    *,
+    address: Optional[str],
+    storage: Optional[str],
+    resume: bool,
+    tracking_uri: Optional[str],
+    experiment: Optional[str],
+    phase_store: Optional[str],
+    say: Callable[[str], None],
+    started: float,
+) -> SweepOutcome:
+    """One sweep (one stage of a staged one): checks, Ray, the parent run, the Tuner, the summary."""
     storage_dir = _storage_dir(storage)
     experiment_dir = storage_dir / spec.name
     # In the storage folder, which every node sees: the sweeps kept there share their phases.
@@ -349,7 +395,7 @@ def sweep_command(
             base=config_to_dict(spec.base), tracking_uri=uri, experiment=experiment_name,
             experiment_id=parent.experiment_id, parent_run_id=parent.run_id, sweep=spec.name,
             metric=spec.tune.metric, threads=max(1, int(spec.tune.resources_per_trial["cpu"])), orphans=orphans,
-            phase_store=None if store is None else str(store),
+            phase_store=None if store is None else str(store), phases=spec.phases,
         )  # fmt: skip
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), dict(spec.tune.resources_per_trial))

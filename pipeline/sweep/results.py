@@ -74,7 +74,7 @@ def summarise_trials(experiment_dir: Path, spec: SweepSpec) -> list[TrialSummary
         params = dict(trial.config or {})
         last = trial.last_result or {}
         try:
-            num_phases = 1 + trial_config(base, params).protocol.incremental_tasks
+            num_phases = min(1 + trial_config(base, params).protocol.incremental_tasks, spec.max_phases)
         except ConfigError:
             num_phases = int(last.get("num_phases", spec.max_phases))
         summary = TrialSummary(trial.trial_id, INCOMPLETE, params, num_phases, mlflow_run_id=last.get("mlflow_run_id"))

@@ -23,7 +23,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import optuna
 
@@ -42,7 +42,8 @@ from pipeline.config import (
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
 SCHEDULERS = ("asha", "median", "none")
 MODES = ("max", "min")
-SECTIONS = ("base", "space", "tune")
+SECTIONS = ("base", "space", "tune", "first_task")
+FIRST_TASK_SUFFIX = "-first-task"  # the name of a staged sweep's first stage
 # Where a run executes rather than what it computes: a resumed sweep may change these.
 PLACEMENT_KEYS = ("data.root", "device", "data.num_workers")
 # Beyond this many corners of the space, only each key's own bounds are checked.
@@ -123,6 +124,10 @@ class SweepSpec:
     tune: TuneSettings
     source: str = ""  # the sweep file, for the record
     source_text: str = ""
+    # Trials train only the first `phases` phases (a staged sweep's first stage: 1); None: all.
+    phases: Optional[int] = None
+    # A staged sweep: what its first stage searches on phase 0 alone (`first_stage`).
+    first_task: Optional["FirstTaskStage"] = None
 
     @property
     def max_phases(self) -> int:
@@ -131,7 +136,24 @@ class SweepSpec:
         searched = self.space.get("protocol.incremental_tasks")
         if searched is not None:
             tasks += [int(v) for v in searched.bounds()]
-        return 1 + max(tasks)
+        return min(1 + max(tasks), self.phases or math.inf)
+
+    def first_stage(self) -> Optional["SweepSpec"]:
+        """The sweep of a staged sweep's first stage: its keys on phase 0 alone; None when unstaged.
+
+        No scheduler (there is one phase to judge), the main sweep's metric, resources and seed.
+        """
+        if self.first_task is None:
+            return None
+        tune = dataclasses.replace(
+            self.tune, name=self.name + FIRST_TASK_SUFFIX, num_samples=self.first_task.num_samples,
+            scheduler="none", points_to_evaluate=[],
+        )  # fmt: skip
+        return SweepSpec(tune.name, self.base, dict(self.first_task.space), tune, self.source, self.source_text, phases=1)
+
+    def with_first_task_of(self, params: Mapping[str, Any]) -> "SweepSpec":
+        """The main stage, its base given the first stage's best values."""
+        return dataclasses.replace(self, base=self.trial_config(params))
 
     def trial_config(self, params: Mapping[str, Any]) -> RunConfig:
         """The complete run config of one trial: the base with the sampled values set."""
@@ -148,7 +170,20 @@ class SweepSpec:
             "tune": dataclasses.asdict(self.tune),
             "space": {key: dist.to_yaml() for key, dist in self.space.items()},
             "base": config_to_dict(self.base),
+            "phases": self.phases,
+            "first_task": None if self.first_task is None else self.first_task.to_dict(),
         }
+
+
+@dataclass
+class FirstTaskStage:
+    """`first_task:` of a sweep file: keys that shape phase 0, searched on phase 0 alone first."""
+
+    space: dict[str, Distribution]
+    num_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"space": {key: dist.to_yaml() for key, dist in self.space.items()}, "num_samples": self.num_samples}
 
 
 def trial_config(base: Mapping[str, Any], params: Mapping[str, Any]) -> RunConfig:
@@ -210,10 +245,44 @@ def sweep_from_dict(
     base = _base_config(base_raw, data_root)
     space = _parse_space(space_raw)
     tune = _parse_tune(raw.get("tune"), default_name)
-    spec = SweepSpec(tune.name, base, space, tune, source=source, source_text=source_text)
+    first_task = _parse_first_task(raw.get("first_task"), space, tune)
+    spec = SweepSpec(tune.name, base, space, tune, source=source, source_text=source_text, first_task=first_task)
     _check_space_against_config(spec)
     _check_tune_against_config(spec)
+    if first_task is not None:
+        _check_space_against_config(spec.first_stage())
     return spec
+
+
+def _parse_first_task(raw: Any, main_space: Mapping[str, Distribution], tune: TuneSettings) -> Optional[FirstTaskStage]:
+    """A staged sweep's first stage: only keys that shape phase 0, none the main space searches."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"first_task: expected a mapping with space and num_samples (got {type(raw).__name__})")
+    for key in raw:
+        if key not in ("space", "num_samples"):
+            raise ConfigError(f"first_task.{key}: unknown key (first_task has space and num_samples)")
+    try:
+        space = _parse_space(raw.get("space"))
+    except ConfigError as exc:
+        raise ConfigError(f"first_task.{exc}") from None
+    for key in space:
+        if key in main_space:
+            raise ConfigError(f"first_task.space.{key}: is searched by the main space too; search it in one stage")
+        if _first_phase(key) != 0:
+            raise ConfigError(f"first_task.space.{key}: does not change phase 0, so phase 0 alone cannot choose it; search it in space")
+    num_samples = _integer("first_task.num_samples", raw.get("num_samples", tune.num_samples), minimum=1)
+    return FirstTaskStage(space, num_samples)
+
+
+def _first_phase(key: str) -> Optional[int]:
+    """The `first_phase` a config leaf declares (method/config.py)."""
+    node: Any = RunConfig()
+    *sections, name = key.split(".")
+    for section in sections:
+        node = getattr(node, section)
+    return next(f.metadata["first_phase"] for f in dataclasses.fields(node) if f.name == name)
 
 
 def spec_from_resolved(data: Mapping[str, Any]) -> SweepSpec:
@@ -222,7 +291,11 @@ def spec_from_resolved(data: Mapping[str, Any]) -> SweepSpec:
         tune = TuneSettings(**data["tune"])
         space = {key: _parse_distribution(key, value) for key, value in data["space"].items()}
         base = _base_config(dict(data["base"]))
-        return SweepSpec(data["name"], base, space, tune, source=data.get("source", ""))
+        first = data.get("first_task")
+        first_task = None if first is None else FirstTaskStage(
+            {key: _parse_distribution(key, value) for key, value in first["space"].items()}, int(first["num_samples"])
+        )  # fmt: skip
+        return SweepSpec(data["name"], base, space, tune, source=data.get("source", ""), phases=data.get("phases"), first_task=first_task)
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"sweep.yaml: not a resolved sweep spec ({exc})") from None
 
@@ -230,6 +303,9 @@ def spec_from_resolved(data: Mapping[str, Any]) -> SweepSpec:
 def differing_key(given: SweepSpec, saved: SweepSpec) -> str | None:
     """The first key in which two specs differ, ignoring where runs execute; None if none."""
     ours, theirs = given.to_dict(), saved.to_dict()
+    for key in ("phases", "first_task"):
+        if ours.get(key) != theirs.get(key):
+            return key
     for section in ("tune", "space"):
         for key in sorted(set(ours[section]) | set(theirs[section])):
             if ours[section].get(key) != theirs[section].get(key):

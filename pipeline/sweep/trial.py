@@ -70,6 +70,7 @@ class TrialContext:
     # points again, and the new trial adopts the matching run instead of opening a second one.
     orphans: tuple[tuple[str, str, str], ...] = ()
     phase_store: Optional[str] = None  # the folder of shared phases; None: off
+    phases: Optional[int] = None  # train only the first `phases` phases (a staged sweep's first stage)
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -85,7 +86,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     torch.set_num_threads(context.threads)
     cfg = trial_config(context.base, config)
-    num_phases = 1 + cfg.protocol.incremental_tasks
+    num_phases = min(1 + cfg.protocol.incremental_tasks, context.phases or math.inf)
     saved = _read_checkpoint(tune.get_checkpoint())
     tracker = _open_trial_run(context, trial_id, saved["mlflow_run_id"], config) if saved else None
     last = tracker.last_logged_phase() if tracker else None
@@ -109,7 +110,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         return
     try:
         store = Path(context.phase_store) if context.phase_store else None
-        train_tracked(cfg, tracker, benchmark=benchmark, on_phase=reporter.report, phase_store=store)
+        train_tracked(cfg, tracker, benchmark=benchmark, on_phase=reporter.report, phase_store=store, phases=num_phases)
     except NonFiniteLossError as exc:
         reporter.diverged(exc)
         return

@@ -302,3 +302,37 @@ def test_a_sweep_over_later_phase_settings_trains_phase_0_once(sweep_kit, data_r
         for name in ("acc", "val_avg_incremental_acc", "phase_reused"):
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == list(range(sweep_kit.phases)), name
     assert "3 of 12 phases reused from the phase store" in done.stdout
+
+
+@pytest.mark.e2e
+def test_a_staged_sweep_goes_on_from_the_best_first_task_which_its_trials_take_from_the_store(sweep_kit, data_root, tmp_path):
+    tune = {**sweep_kit.tune, "num_samples": 2, "scheduler": "none", "metric": "val_avg_incremental_acc", "mode": "max", "points_to_evaluate": []}
+    space = {"learner.dgr.lambda_b": {"uniform": [0.1, 2.0]}, "memory.per_class": {"int": [5, 30]}}
+    first_task = {"space": {"train.first_task.lr": {"categorical": [0.05, 0.01]}}, "num_samples": 2}
+    sweep_file = sweep_kit.write_sweep(tmp_path / "staged.yaml", space=space, tune=tune, first_task=first_task)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(
+        sweep_kit.cli_command("sweep", sweep_file, "--data-root", data_root, "--storage", tmp_path / "ray_results", "--tracking-uri", uri),
+        cwd=tmp_path, env=sweep_kit.cli_env(IMBCIL_PHASE_STORE=""), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stage 1 of 2, sweep tiny-first-task: train.first_task.lr on phase 0 alone" in done.stdout
+    client = MlflowClient(uri)
+    first = [r for r in runs_of(client, "tiny-first-task") if r.data.tags.get("imbcil.kind") == "trial"]
+    second = [r for r in runs_of(client, "tiny") if r.data.tags.get("imbcil.kind") == "trial"]
+    assert len(first) == 2 and len(second) == 2
+    for run in first:  # phase 0 alone
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_avg_incremental_acc")] == [0]
+    best = max(first, key=lambda r: r.data.metrics["val_avg_incremental_acc"])
+    chosen = json.loads(best.data.tags["imbcil.params"])["train.first_task.lr"]
+    assert f"stage 1 best: train.first_task.lr={chosen} " in done.stdout
+    for run in second:  # every phase, phase 0 the best first stage trial's
+        assert run.data.params["train.first_task.lr"] == str(chosen)
+        assert run.data.tags[phase_from_tag(0)] == best.info.run_id
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "acc")) == list(range(sweep_kit.phases))
+    # The export of stage 2 carries stage 1's choice.
+    exported = tmp_path / "best.yaml"
+    code = subprocess.run(sweep_kit.cli_command("export", tmp_path / "ray_results" / "tiny", "-o", exported), cwd=tmp_path, env=sweep_kit.cli_env()).returncode
+    import yaml
+
+    assert code == 0 and yaml.safe_load(exported.read_text())["train"]["first_task"]["lr"] == chosen

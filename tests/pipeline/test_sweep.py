@@ -57,6 +57,42 @@ def test_tiny_spec_resolves_base_space_and_tune(sweep_kit):
     assert cfg.seed == s.base.seed and cfg.data.train_fraction == 0.04
 
 
+def test_a_staged_sweep_searches_the_first_task_on_phase_0_alone_first(sweep_kit):
+    space = {"learner.dgr.lambda_b": {"uniform": [0.1, 2.0]}}
+    first_task = {"space": {"train.first_task.lr": {"loguniform": [0.02, 0.5]}}, "num_samples": 3}
+    tune = {**sweep_kit.tune, "points_to_evaluate": []}
+    s = sweep_from_dict({"base": sweep_kit.base, "space": space, "tune": tune, "first_task": first_task})
+    first = s.first_stage()
+    assert first.name == "tiny-first-task" and list(first.space) == ["train.first_task.lr"]
+    assert (first.phases, first.max_phases, first.tune.num_samples, first.tune.scheduler) == (1, 1, 3, "none")
+    assert first.tune.metric == s.tune.metric and first.tune.points_to_evaluate == []
+    second = s.with_first_task_of({"train.first_task.lr": 0.07})
+    assert second.base.train.first_task.lr == 0.07 and second.base.train.lr == s.base.train.lr and second.name == "tiny"
+    again = spec_from_resolved(yaml.safe_load(yaml.safe_dump(s.to_dict())))
+    assert again.to_dict() == s.to_dict() and differing_key(again, s) is None
+    assert differing_key(first, spec_from_resolved(s.to_dict())) == "phases"
+    unstaged = sweep_from_dict({"base": sweep_kit.base, "space": space, "tune": tune})
+    assert unstaged.first_stage() is None and unstaged.max_phases == sweep_kit.phases
+
+
+@pytest.mark.parametrize(
+    "first_task, message",
+    [
+        ({"space": {"memory.per_class": {"int": [5, 10]}}}, "first_task.space.memory.per_class: does not change phase 0, so phase 0 alone cannot choose it; search it in space"),
+        ({"space": {"learner.dgr.lambda_b": {"uniform": [0.1, 1.0]}}}, "first_task.space.learner.dgr.lambda_b: is searched by the main space too; search it in one stage"),
+        ({"space": {"train.first_task.lr": {"loguniform": [0.02, 0.5]}}, "epochs": 3}, "first_task.epochs: unknown key (first_task has space and num_samples)"),
+        ({"space": {}}, "first_task.space: empty"),
+        ({"space": {"train.first_task.lr": {"loguniform": [0.02, 0.5]}}, "num_samples": 0}, "first_task.num_samples: must be"),
+    ],
+)
+def test_a_first_stage_that_cannot_work_is_one_line(sweep_kit, first_task, message):
+    space = {"learner.dgr.lambda_b": {"uniform": [0.1, 2.0]}}
+    tune = {**sweep_kit.tune, "points_to_evaluate": []}
+    with pytest.raises(ConfigError) as caught:
+        sweep_from_dict({"base": sweep_kit.base, "space": space, "tune": tune, "first_task": first_task})
+    assert str(caught.value).startswith(message)
+
+
 def test_defaults_and_resolved_round_trip(sweep_kit):
     s = sweep_from_dict({"base": sweep_kit.base, "space": {"train.lr": {"loguniform": [0.01, 0.5]}}}, default_name="from-file")
     assert s.name == "from-file"
