@@ -47,6 +47,15 @@ def registered(module: str, registry: str, *extra: str) -> Callable[[], tuple[st
     return names
 
 
+def looked_up(module: str, name: str) -> Callable:
+    """A function of `module`, imported when first called, for a declaration here that needs it."""
+
+    def call(*args):
+        return getattr(importlib.import_module(module), name)(*args)
+
+    return call
+
+
 DATASETS = ("cifar10", "cifar100", "imagenet_subset", "food101")
 
 
@@ -174,19 +183,12 @@ class DGRConfig:
     dakd_prior: str = bounded("l2", first_phase=1, choices=("l2", "sum"))
 
 
-def _first_task_learner(cfg: "RunConfig", task: int) -> str:
-    """Task 0 has no old model: the learners that differ only in distillation train it alike."""
-    from method.learners import LEARNERS
-
-    return LEARNERS[cfg.learner.name].first_task_as if task == 0 else cfg.learner.name
-
-
 @dataclass
 class LearnerConfig:
     """The learner and its knobs. A section named after a learner (`dgr`) is that learner's alone:
     the phase key reads it only when that learner runs."""
 
-    name: str = bounded("dgr", first_phase=0, choices=registered("method.learners", "LEARNERS"), per_task=_first_task_learner)
+    name: str = bounded("dgr", first_phase=0, choices=registered("method.learners", "LEARNERS"), per_task=looked_up("method.learners", "trains_task_as"))
     # Temperature of the plain KD of lwf / icarl / wa.
     kd_temperature: float = bounded(2.0, first_phase=1, gt=0.0)
     # After each task, retrain the classifier on a class-balanced sample, backbone frozen.

@@ -59,6 +59,12 @@ def make_learner(cfg: LearnerConfig) -> "Learner":
     return LEARNERS[cfg.name](cfg)
 
 
+def trains_task_as(cfg, task: int) -> str:
+    """The phase key's `learner.name` for task `task` (RunConfig cfg): task 0 has no old model, so
+    the learners that differ only in distillation train it alike (`first_task_as`)."""
+    return LEARNERS[cfg.learner.name].first_task_as if task == 0 else cfg.learner.name
+
+
 class Learner:
     """Replay with cross-entropy: the base every learner refines."""
 

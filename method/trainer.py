@@ -246,10 +246,22 @@ class IncrementalTrainer:
             "acc_matrix": self.acc_matrix.copy(),
             "task_aware_matrix": self.task_aware_matrix.copy(),
             "val_matrix": self.val_matrix.copy(),
+            **self._rng_states(),
+        }
+
+    def _rng_states(self) -> dict[str, Any]:
+        """Every random state the next phase draws from: a checkpoint's and a stored phase's."""
+        return {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "generator": self.generator.get_state(),
         }
+
+    def _set_rng_states(self, torch_rng: torch.Tensor, cuda_rng: Optional[list], generator: torch.Tensor) -> None:
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_rng)
+        self.generator.set_state(generator)
 
     def _restore(self, state: dict[str, Any]) -> int:
         if state.get("format") != STATE_FORMAT:
@@ -265,10 +277,7 @@ class IncrementalTrainer:
         self.task_aware_matrix = np.array(state["task_aware_matrix"], dtype=float)
         if state.get("val_matrix") is not None:  # absent from checkpoints of before validation metrics
             self.val_matrix = np.array(state["val_matrix"], dtype=float)
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.generator.set_state(state["generator"])
+        self._set_rng_states(state["torch_rng"], state.get("cuda_rng"), state["generator"])
         self.old_model = frozen_teacher(self.model)
         return int(state["phase"]) + 1
 
@@ -339,9 +348,7 @@ class IncrementalTrainer:
             phase=task,
             model={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             head_sizes=list(self.model.head_sizes),
-            torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            generator=self.generator.get_state(),
+            **self._rng_states(),
             loss=loss,
             train_seconds=train_seconds,
             images_seen=images_seen,
@@ -351,10 +358,7 @@ class IncrementalTrainer:
         if stored.head_sizes != list(self.model.head_sizes):
             raise ValueError(f"stored phase {stored.phase} has heads {stored.head_sizes}, this run {self.model.head_sizes}")
         self.model.load_state_dict(stored.model)
-        torch.set_rng_state(stored.torch_rng)
-        if stored.cuda_rng is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(stored.cuda_rng)
-        self.generator.set_state(stored.generator)
+        self._set_rng_states(stored.torch_rng, stored.cuda_rng, stored.generator)
 
     def _task_context(self, task: int, num_old: int, num_seen: int, memory_indices: torch.Tensor, n_new: int) -> TaskContext:
         original = torch.as_tensor(self.benchmark.train_counts[:num_seen], dtype=torch.long)

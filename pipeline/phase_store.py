@@ -164,8 +164,9 @@ class FolderPhaseStore:
                 meta = json.loads((folder / META_FILE).read_text())
             except (OSError, ValueError):
                 meta = {}
-            users = sorted(p.name for p in (folder / USED_BY).iterdir()) if (folder / USED_BY).is_dir() else []
-            last_used = max((p.stat().st_mtime for p in (folder / USED_BY).iterdir()), default=meta.get("created", 0.0)) if users else meta.get("created", 0.0)
+            uses = list((folder / USED_BY).iterdir()) if (folder / USED_BY).is_dir() else []
+            users = sorted(p.name for p in uses)
+            last_used = max((p.stat().st_mtime for p in uses), default=meta.get("created", 0.0))
             infos.append(EntryInfo(
                 key=folder.name, phase=meta.get("phase"), bytes=_folder_bytes(folder), trained_by=meta.get("trained_by", ""),
                 created=meta.get("created", 0.0), last_used=last_used, used_by=users,

@@ -278,21 +278,27 @@ def test_reproduce_of_dgr_and_an_ablation_of_its_later_phases_trains_phase_0_onc
     assert len({r.data.tags[phase_from_tag(1)] for r in children}) == 2
 
 
-@pytest.mark.e2e
-def test_a_sweep_over_later_phase_settings_trains_phase_0_once(sweep_kit, data_root, tmp_path):
-    """Four trials over learner.dgr.* and memory.*: the store (by default in --storage) holds one phase 0."""
+def sweep_with_default_store(sweep_kit, data_root, tmp_path, num_samples, **sections):
+    """`imbcil sweep` over learner.dgr.lambda_b and memory.per_class, the store where --storage puts it."""
     tune = {
-        **sweep_kit.tune, "num_samples": 4, "scheduler": "none", "metric": "val_avg_incremental_acc", "mode": "max",
-        "points_to_evaluate": [],
+        **sweep_kit.tune, "num_samples": num_samples, "scheduler": "none", "metric": "val_avg_incremental_acc",
+        "mode": "max", "points_to_evaluate": [],
     }  # fmt: skip
     space = {"learner.dgr.lambda_b": {"uniform": [0.1, 2.0]}, "memory.per_class": {"int": [5, 30]}}
-    sweep_file = sweep_kit.write_sweep(tmp_path / "shared.yaml", space=space, tune=tune)
+    sweep_file = sweep_kit.write_sweep(tmp_path / "sweep.yaml", space=space, tune=tune, **sections)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = subprocess.run(
         sweep_kit.cli_command("sweep", sweep_file, "--data-root", data_root, "--storage", tmp_path / "ray_results", "--tracking-uri", uri),
         cwd=tmp_path, env=sweep_kit.cli_env(IMBCIL_PHASE_STORE=""), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return uri, done
+
+
+@pytest.mark.e2e
+def test_a_sweep_over_later_phase_settings_trains_phase_0_once(sweep_kit, data_root, tmp_path):
+    """Four trials over learner.dgr.* and memory.*: the store (by default in --storage) holds one phase 0."""
+    uri, done = sweep_with_default_store(sweep_kit, data_root, tmp_path, num_samples=4)
     assert f"phase store: {tmp_path / 'ray_results' / 'phases'}" in done.stdout
     client = MlflowClient(uri)
     trials = [r for r in runs_of(client, "tiny") if r.data.tags.get("imbcil.kind") == "trial"]
@@ -306,16 +312,8 @@ def test_a_sweep_over_later_phase_settings_trains_phase_0_once(sweep_kit, data_r
 
 @pytest.mark.e2e
 def test_a_staged_sweep_goes_on_from_the_best_first_task_which_its_trials_take_from_the_store(sweep_kit, data_root, tmp_path):
-    tune = {**sweep_kit.tune, "num_samples": 2, "scheduler": "none", "metric": "val_avg_incremental_acc", "mode": "max", "points_to_evaluate": []}
-    space = {"learner.dgr.lambda_b": {"uniform": [0.1, 2.0]}, "memory.per_class": {"int": [5, 30]}}
     first_task = {"space": {"train.first_task.lr": {"categorical": [0.05, 0.01]}}, "num_samples": 2}
-    sweep_file = sweep_kit.write_sweep(tmp_path / "staged.yaml", space=space, tune=tune, first_task=first_task)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = subprocess.run(
-        sweep_kit.cli_command("sweep", sweep_file, "--data-root", data_root, "--storage", tmp_path / "ray_results", "--tracking-uri", uri),
-        cwd=tmp_path, env=sweep_kit.cli_env(IMBCIL_PHASE_STORE=""), capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    uri, done = sweep_with_default_store(sweep_kit, data_root, tmp_path, num_samples=2, first_task=first_task)
     assert "stage 1 of 2, sweep tiny-first-task: train.first_task.lr on phase 0 alone" in done.stdout
     client = MlflowClient(uri)
     first = [r for r in runs_of(client, "tiny-first-task") if r.data.tags.get("imbcil.kind") == "trial"]
