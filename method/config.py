@@ -132,8 +132,9 @@ class TrainConfig:
     lr_decay: float = bounded(0.1, first_phase=0, gt=0.0, le=1.0)
     momentum: float = bounded(0.9, first_phase=0, ge=0.0, lt=1.0)
     batch_size: int = bounded(128, first_phase=0, ge=1)
-    # It batches the herding features and the scores that a phase stores, so it is in the key.
-    eval_batch_size: int = bounded(1024, first_phase=0, ge=1)
+    # The batch of the frozen model's passes (scores, herding features). None: the fastest
+    # measured per device (trainer.eval_batch_size). It batches what a phase stores, so it is keyed.
+    eval_batch_size: Optional[int] = bounded(None, first_phase=0, ge=1)
     # The reference evaluates validation after every epoch only to print it (method.md §1).
     validate_every_epoch: bool = bounded(False, first_phase=NEVER)
     # bf16: autocast on CUDA, and on CPU where it has AMX or AVX512-BF16 (elsewhere it is

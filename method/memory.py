@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -79,11 +79,12 @@ class ExemplarMemory:
         for label in self._by_class:
             self._by_class[label] = self._by_class[label][:per_class].clone()
 
-    def indices(self) -> torch.LongTensor:
-        """All exemplars in class order, so the replay set is the same on every run."""
-        if not self._by_class:
+    def indices(self, classes: Optional[Iterable[int]] = None) -> torch.LongTensor:
+        """The exemplars of `classes` (all by default) in class order, so the replay set is the same on every run."""
+        chosen = sorted(self._by_class if classes is None else set(classes))
+        if not chosen:
             return torch.empty(0, dtype=torch.long)
-        return torch.cat([self._by_class[c] for c in sorted(self._by_class)])
+        return torch.cat([self._by_class[c] for c in chosen])
 
     def counts(self) -> dict[int, int]:
         """The per-class counts that the logit adjustment and DAKD need (method.md §2, count_t)."""

@@ -195,7 +195,8 @@ def _read_cached(folder: Path) -> Optional["RawData"]:
 
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        arrays = {name: np.load(folder / f"{name}.npy") for name in _ARRAYS}
+        # Mapped copy-on-write: a run reads only the pages of the images its subset keeps.
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="c") for name in _ARRAYS}
     except (OSError, ValueError):
         return None
     return RawData(

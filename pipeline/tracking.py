@@ -40,7 +40,6 @@ from mlflow.tracking import MlflowClient
 
 from method.config import RunConfig, protocol_name
 from method.results import PhaseResult
-from pipeline import plots
 from pipeline.config import dump_yaml, flatten
 from pipeline.names import (
     DEFAULT_TRACKING_URI,
@@ -815,6 +814,8 @@ class RunTracker:
         self._acc_by_phase = {p: v for p, v in self._acc_by_phase.items() if p < t}
         if acc is not None and not math.isnan(float(acc)):
             self._acc_by_phase[t] = float(acc)
+
+        from pipeline import plots  # matplotlib: not needed before the first phase is logged
 
         action = f"log phase {t}"
         with tempfile.TemporaryDirectory(prefix="imbcil-phase-") as tmp:
