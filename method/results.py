@@ -25,6 +25,7 @@ METRIC_NAMES = (
     "val_avg_incremental_acc",
     "val_images",  # held-out images of the seen classes that the validation used
     "loss",  # mean training loss of the phase's last epoch
+    "train_images",  # images the phase's training saw: epochs x (new images + exemplars)
     "train_images_per_s",  # training images processed per second of training
     "train_seconds",
     "phase_seconds",  # training + memory update + evaluation
@@ -67,8 +68,8 @@ class PhaseResult:
     acc_matrix: np.ndarray
     task_aware_matrix: np.ndarray
     metrics: dict[str, float]
-    # One entry per seen class, all lists of equal length: "label", "original_label",
-    # "name", "train_count" (orig(c)), "memory_count", "test_count", "accuracy" (percent),
+    # One entry per seen class, all lists of equal length: "position" (in the class order,
+    # what the heads and task_classes use), "original_label" (the dataset's), "name", "train_count" (orig(c)), "memory_count", "test_count", "accuracy" (percent),
     # "head_weight_norm", "shot" ("many"/"medium"/"few").
     per_class: dict[str, list]
     # Everything needed to continue with phase + 1 (model, memory, RNG states, matrices);

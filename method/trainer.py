@@ -338,6 +338,7 @@ class IncrementalTrainer:
         result = self._evaluate(task, num_seen, evaluation)
         result.metrics.update(
             loss=loss,
+            train_images=float(images_seen),
             train_images_per_s=images_seen / max(train_seconds, 1e-9),
             train_seconds=train_seconds,
             phase_seconds=time.perf_counter() - phase_start,
@@ -584,7 +585,7 @@ class IncrementalTrainer:
         }
         metrics.update(shot_accuracies(rows.class_correct, rows.class_total, train_counts[order]))
         per_class = {
-            "label": order.tolist(),
+            "position": order.tolist(),
             "original_label": [bench.class_order[c] for c in order],
             "name": [bench.class_names[c] for c in order],
             "train_count": train_counts[order].astype(int).tolist(),

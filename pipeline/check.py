@@ -79,6 +79,7 @@ def preflight(
     resources_per_trial: Optional[Mapping[str, float]] = None,
     timeout_s: float = 10.0,
     ray_timeout_s: float = RAY_PROBE_TIMEOUT_S,
+    dry_run: bool = False,
 ) -> list[CheckResult]:
     """Check everything a sweep or reproduction needs before it starts; never raises for a failed check.
 
@@ -90,19 +91,34 @@ def preflight(
       every node sees the files the others wrote;
     - `cfg.data` is found (on every node, with `address`).
 
-    Checks that depend on a failed one are reported as skipped.
+    Checks that depend on a failed one are reported as skipped. `dry_run` writes nothing: the
+    store is checked without creating its schema, no artifact is written, and the storage
+    folder's permissions stand in for a written file.
     """
     from pipeline.tracking import redact_text
 
     results: list[CheckResult] = []
-    tracking_ok = _check_tracking(tracking_uri, timeout_s, results)
-    probe = _ArtifactProbe(tracking_uri) if tracking_ok else None
+    tracking_ok = _check_tracking(tracking_uri, timeout_s, results, read_only=dry_run)
+    probe = _ArtifactProbe(tracking_uri) if tracking_ok and not dry_run else None
     if probe is not None:
         _check_local_artifacts(probe, results)
     else:
-        results.append(CheckResult(ARTIFACTS, SKIPPED, "the tracking store is not usable"))
+        reason = "dry run: no artifact written" if dry_run else "the tracking store is not usable"
+        results.append(CheckResult(ARTIFACTS, SKIPPED, reason))
     storage_root = normalise_storage(storage) if storage else None
     expected_data = _dataset_expectations(cfg.data) if cfg is not None else None
+    if dry_run:
+        if address:
+            report = _probe_cluster({"address": address, "storage": None, "dataset": expected_data, "tracking_uri": None,
+                                     "run_id": None, "task_timeout_s": max(10.0, ray_timeout_s - 30)}, ray_timeout_s)  # fmt: skip
+            _cluster_results(report, address, resources_per_trial, None, {STORAGE: False, DATASET: expected_data is not None}, results)
+        else:
+            results.append(_local_resources(resources_per_trial))
+            results.append(_dataset_result([_node_probe(None, "", "this machine", expected_data, None, None)]))
+        results.append(_storage_writable(storage_root))
+        for result in results:
+            result.detail = redact_text(result.detail)
+        return results
 
     if address:
         node_artifacts = probe is not None and results[-1].ok
@@ -164,16 +180,34 @@ def normalise_storage(storage: str) -> str:
 # Tracking and artifacts
 
 
-def _check_tracking(uri: str, timeout_s: float, results: list[CheckResult]) -> bool:
-    from pipeline.tracking import TrackingError, check_tracking, redact_uri
+def _check_tracking(uri: str, timeout_s: float, results: list[CheckResult], read_only: bool = False) -> bool:
+    from pipeline.tracking import TrackingError, _sqlite_path, check_tracking, redact_uri
 
     try:
-        check_tracking(uri, timeout_s=timeout_s)
+        check_tracking(uri, timeout_s=timeout_s, read_only=read_only)
     except TrackingError as exc:
         results.append(CheckResult(TRACKING, FAILED, str(exc)))
         return False
+    new_file = _sqlite_path(uri) if uri.startswith("sqlite:") else None
+    if read_only and new_file is not None and not new_file.exists():
+        results.append(CheckResult(TRACKING, OK, f"a new SQLite store would be created at {new_file}"))
+        return True  # opening it to read its schema would create it
     results.append(CheckResult(TRACKING, OK, f"{redact_uri(uri)} answers; {_store_version(uri, timeout_s)}"))
     return True
+
+
+def _storage_writable(storage_root: Optional[str]) -> CheckResult:
+    """A dry run's storage check: the folder, or the nearest one that exists, is writable here."""
+    if not storage_root:
+        return CheckResult(STORAGE, SKIPPED, "no storage path given")
+    if "://" in storage_root:
+        return CheckResult(STORAGE, SKIPPED, f"dry run: {storage_root} is not written to")
+    existing = Path(storage_root)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return CheckResult(STORAGE, FAILED, f"{storage_root}: {existing} is not a writable folder")
+    return CheckResult(STORAGE, OK, f"{storage_root} can be written here (dry run: nothing written)")
 
 
 def _store_version(uri: str, timeout_s: float) -> str:

@@ -14,7 +14,7 @@ import typer
 from method.data import DataError
 from pipeline.check import PreflightError
 from pipeline.config import ConfigError
-from pipeline.display import ProgressDisplay, console, error, phase_store_table, phase_table, reuse_line
+from pipeline.display import ProgressDisplay, console, duration, error, phase_store_table, phase_table, plan_table, reuse_line
 from pipeline.tracking import TrackingError
 
 app = typer.Typer(
@@ -65,6 +65,13 @@ PhaseStoreOption = Annotated[
         "(default: $IMBCIL_PHASE_STORE, else the sweep's storage folder for a sweep and ~/.cache/imbcil/phases otherwise).",
     ),
 ]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Check everything and print the plan (phases, images, a measured wall-time estimate) without training or logging.",
+    ),
+]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as dotted key=value, e.g. train.lr=0.05.")]
 
 
@@ -86,6 +93,7 @@ def run(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: the config's device).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="MLflow run id to continue after its last logged phase.")] = None,
     phase_store: PhaseStoreOption = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Train one run phase by phase, logging every phase to MLflow."""
     from pipeline.run import run_command
@@ -94,6 +102,13 @@ def run(
         raise ConfigError("config: give a run config YAML (or --resume RUN_ID)")
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: must be one of auto, cpu, cuda (got {device!r})")
+    if dry_run:
+        plan = run_command(
+            config, overrides or [], data_root=data_root, tracking_uri=tracking_uri, experiment=experiment,
+            device=device, resume=resume, phase_store=phase_store, dry_run=True,
+        )
+        print_plan(plan)
+        return
     with ProgressDisplay(label="run") as display:
         outcome = run_command(
             config, overrides or [], data_root=data_root, tracking_uri=tracking_uri, experiment=experiment,
@@ -107,6 +122,37 @@ def run(
         console.print(f"average incremental accuracy: {final['avg_incremental_acc']:.2f}%  last accuracy: {final['acc']:.2f}%")
     console.print(f"MLflow run: {tracker.run_id}")
     console.print(f"open it: {tracker.url}")
+
+
+def print_plan(plan) -> None:
+    """A run's dry-run plan: the phases' table, the rates it measured, the estimate."""
+    from rich.console import Console
+
+    from method.config import protocol_name
+
+    cfg, rates = plan.cfg, plan.rates
+    setting = f"{cfg.data.dataset}-LT {cfg.data.scenario} {protocol_name(cfg)}"
+    title = f"plan: {cfg.name}, {cfg.learner.name} on {setting}, {len(plan.phases)} phases"
+    out = console if console.is_terminal else Console(width=160, highlight=False)  # off a terminal: unsqueezed
+    out.print(plan_table(plan.phases, title=title))
+    threads = f", {torch_threads()} threads" if rates.device == "cpu" else ""
+    out.print(
+        f"measured on {rates.device}{threads}: {rates.step_s:.3f} s per training step of {cfg.train.batch_size} images "
+        f"({rates.teacher_step_s:.3f} s with the teacher), {1 / rates.score_s:.0f} images/s scored"
+    )
+    training = sum(p.steps * (rates.step_s if p.phase == 0 else rates.teacher_step_s) for p in plan.phases)
+    out.print(
+        f"estimate: {duration(plan.estimate_s)} wall time for this run, one run at a time "
+        f"(start-up {duration(plan.startup_s)}, training {duration(training)}, "
+        f"scoring, herding and logging {duration(plan.estimate_s - plan.startup_s - training)})"
+    )
+    out.print("dry run: nothing was trained or logged")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 @app.command()

@@ -121,6 +121,30 @@ def phase_store_table(entries: Sequence[Any], folder: Path) -> Table:
     return table
 
 
+def plan_table(plans: Sequence[Any], title: str = "") -> Table:
+    """`--dry-run`: one row per phase (method.plan.PhasePlan) and a total."""
+    table = Table(title=title or None)
+    columns = ("phase", "classes", "new images", "exemplars", "epochs", "steps", "training images", "scored", "feature pass")
+    for column in columns:
+        table.add_column(column, justify="right")
+    fields = ("new_classes", "new_images", "memory_images", "epochs", "steps", "train_images", "scored_images", "feature_images")
+    for plan in plans:
+        table.add_row(str(plan.phase), *(str(getattr(plan, f)) for f in fields))
+    totals = {f: sum(getattr(plan, f) for plan in plans) for f in ("steps", "train_images", "scored_images", "feature_images")}
+    table.add_row("total", "", "", "", "", *(str(totals[f]) for f in ("steps", "train_images", "scored_images", "feature_images")))
+    return table
+
+
+def duration(seconds: float) -> str:
+    """2 h 05 min, 3 min 20 s, 45 s."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"

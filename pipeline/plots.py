@@ -78,10 +78,11 @@ def weight_norm_plot(
     """Per-class L2 norm of the head weights, classes sorted by training-set size (largest first).
 
     This is the bias-correction figure: without reweighting, the norms of frequent (and new)
-    classes dominate. Bars are coloured old/new when `new_labels` (the current task's class
-    labels) is given, else by shot group; `colour_by` ("task" or "shot") forces either.
+    classes dominate. Bars are coloured old/new when `new_labels` (the current task's classes,
+    by class-order position) is given, else by shot group; `colour_by` ("task" or "shot") forces
+    either. Up to 30 bars are captioned with the class's name and training images.
     """
-    labels = list(per_class["label"])
+    labels = list(per_class["position"])
     norms = np.asarray(per_class["head_weight_norm"], dtype=float)
     counts = list(per_class["train_count"])
     if not (len(labels) == len(norms) == len(counts)):
@@ -110,13 +111,26 @@ def weight_norm_plot(
     ax.set_xlabel("class (sorted by training images, many to few)")
     ax.set_ylabel("head weight L2 norm")
     if len(order) <= 30:
-        ax.set_xticks(range(len(order)), [str(labels[i]) for i in order], fontsize=7)
+        captions = class_captions(per_class)
+        ax.set_xticks(range(len(order)), [captions[i] for i in order], fontsize=7, rotation=90)
     else:
         ax.set_xticks([])
     present = [g for g in palette if g in groups]
     ax.legend(handles=[Patch(color=palette[g], label=g) for g in present], fontsize=8, frameon=False)
     ax.set_title(title or "classifier weight norms")
     return _save(fig, path)
+
+
+def class_captions(per_class: Mapping[str, Sequence]) -> list[str]:
+    """Each class as a reader knows it: the dataset's name, else its original label, with its training images.
+
+    The class-order position (`position`) is what the heads use, not what the data calls the
+    class: CIFAR-10-LT shuffled trains position 0 on whatever class the seed put first.
+    """
+    positions = list(per_class["position"])
+    names = list(per_class.get("name", [""] * len(positions)))
+    originals = list(per_class.get("original_label", positions))
+    return [f"{name or original} ({count})" for name, original, count in zip(names, originals, per_class["train_count"])]
 
 
 def _many_to_few(train_counts: Sequence[int]) -> list[int]:

@@ -7,6 +7,7 @@ after its last fully logged phase, so a restarted run never redoes or duplicates
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,7 +16,9 @@ from method.config import RunConfig
 from method.data import Benchmark, build_benchmark
 from method.results import PhaseResult
 from method.events import ProgressCallback
-from method.trainer import IncrementalTrainer
+from method.plan import PhasePlan, Rates, estimate_seconds, measure_rates, plan_phases
+from method.trainer import IncrementalTrainer, resolve_device
+from pipeline import STARTED
 from pipeline.config import ConfigError, config_from_dict, config_to_dict, flatten, read_yaml, resolve, resolve_dict
 from pipeline.phase_store import FolderPhaseStore, resolve_store_folder, user_store_folder
 from pipeline.runtime import decoded_data
@@ -82,6 +85,26 @@ def _names_by_original_label(benchmark: Benchmark) -> list[str]:
 
 
 @dataclass
+class RunPlan:
+    """`run --dry-run`: what the run would train and score, and how long it should take here."""
+
+    cfg: RunConfig
+    benchmark: Benchmark
+    phases: list[PhasePlan]
+    rates: Rates
+    startup_s: float
+    estimate_s: float
+
+
+def plan_run(cfg: RunConfig, benchmark: Benchmark, startup_s: float) -> RunPlan:
+    """The phases' plan and the wall-time estimate: start-up as this process took it, the rest at measured rates."""
+    device = resolve_device(cfg.device)
+    plans = plan_phases(cfg, benchmark)
+    rates = measure_rates(cfg, benchmark, device)
+    return RunPlan(cfg, benchmark, plans, rates, startup_s, startup_s + estimate_seconds(plans, rates))
+
+
+@dataclass
 class RunOutcome:
     tracker: RunTracker
     results: list[PhaseResult]
@@ -100,10 +123,16 @@ def run_command(
     resume: Optional[str],
     progress: Optional[ProgressCallback] = None,
     phase_store: Optional[str] = None,
-) -> RunOutcome:
-    """Everything `imbcil run` does; every check that can fail runs before training starts."""
+    dry_run: bool = False,
+) -> RunOutcome | RunPlan:
+    """Everything `imbcil run` does; every check that can fail runs before training starts.
+
+    `dry_run`: the same checks, changing nothing in the tracking store, then the plan instead of the run.
+    """
     uri = resolve_tracking_uri(tracking_uri)
     store = resolve_store_folder(phase_store, user_store_folder())
+    if dry_run and resume:
+        raise ConfigError("--dry-run plans a new run; it does not take --resume")
     given = None
     if config_path is not None or overrides or not resume:
         given = resolve(config_path, overrides, data_root=data_root, device=device)
@@ -121,7 +150,9 @@ def run_command(
     else:
         cfg = given
         benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=decoded_data(cfg.data))  # a missing dataset fails here
-        check_tracking(uri)
+        check_tracking(uri, read_only=dry_run)
+        if dry_run:
+            return plan_run(cfg, benchmark, time.perf_counter() - STARTED)
         tracker = RunTracker(uri, experiment or cfg.name, run_name=cfg.name)
     previous = tracker.accuracy_per_phase
     with tracker:

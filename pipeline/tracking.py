@@ -203,16 +203,20 @@ def _short_reason(exc: BaseException, timeout_s: float | None = None) -> str:
     return shorten(redact_text(text), 300) or type(exc).__name__
 
 
-def check_tracking(uri: str, timeout_s: float = 5) -> None:
+def check_tracking(uri: str, timeout_s: float = 5, *, read_only: bool = False) -> None:
     """Fail fast, with one line, when the tracking store cannot be used.
 
     For a local or database store this also creates the store's schema, once, here: parallel
     trials that each opened a fresh SQLite file would race on MLflow's schema migration.
+    `read_only` (a dry run) checks that the store could be written and changes nothing in it.
     """
     scheme = _scheme(uri)
     try:
         with _quiet_schema_setup():
-            _check_store(uri, scheme, timeout_s)
+            if read_only:
+                _check_store_read_only(uri, scheme, timeout_s)
+            else:
+                _check_store(uri, scheme, timeout_s)
     except TrackingError:
         raise
     except Exception as exc:
@@ -247,6 +251,17 @@ def _check_store(uri: str, scheme: str, timeout_s: float) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
     else:
         MlflowClient(uri).search_experiments(max_results=1)
+
+
+def _check_store_read_only(uri: str, scheme: str, timeout_s: float) -> None:
+    if scheme in ("http", "https"):
+        _check_http(uri, timeout_s)  # a health probe and a search: reads only
+    elif scheme == "sqlite":
+        _check_sqlite(uri)  # the folder and the file's permissions, without creating either
+    elif scheme in ("", "file"):
+        _check_writable_dir(Path(urllib.parse.urlsplit(uri).path if scheme else uri), uri)
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        _check_database(uri, timeout_s)  # one connection, no schema set-up
 
 
 def _unreachable(uri: str, reason: str) -> TrackingError:

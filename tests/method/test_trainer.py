@@ -59,7 +59,12 @@ def test_phase_results_hold_every_metric_and_a_consistent_matrix(data_root, benc
     assert not np.isnan(last.acc_matrix[np.tril_indices(5)]).any()
     expected_aia = np.mean([np.mean(last.acc_matrix[t, : t + 1]) for t in range(5)])
     assert last.metrics["avg_incremental_acc"] == pytest.approx(expected_aia)
-    assert len(last.per_class["label"]) == 10
+    assert len(last.per_class["position"]) == 10
+    # The dataset's own label and name beside the class-order position.
+    cifar10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    order = trainer.benchmark.class_order
+    assert last.per_class["original_label"] == [order[p] for p in last.per_class["position"]]
+    assert last.per_class["name"] == [cifar10[c] for c in last.per_class["original_label"]]
     # memory: 20 per class, or the whole class when it is smaller
     for count, memory in zip(last.per_class["train_count"], last.per_class["memory_count"]):
         assert memory == min(20, count)

@@ -61,7 +61,7 @@ def phase_result(phase: int, num_phases: int = PHASES) -> PhaseResult:
     acc = np.full((num_phases, num_phases), np.nan)
     acc[: phase + 1, : phase + 1] = np.tril(np.full((phase + 1, phase + 1), 50.0 + phase))
     metrics = {"acc": 50.0 + phase, "avg_incremental_acc": 55.0 - phase, "loss": 1.0 / (phase + 1)}
-    per_class = {"label": [0, 1], "accuracy": [50.0, 60.0]}
+    per_class = {"position": [0, 1], "accuracy": [50.0, 60.0]}
     return PhaseResult(phase, num_phases, [[0, 1]] * num_phases, acc, acc, metrics, per_class, {"phase": phase})
 
 

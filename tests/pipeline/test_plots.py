@@ -21,7 +21,7 @@ def _assert_png(path):
 
 def _per_class(n=6):
     return {
-        "label": list(range(n)),
+        "position": list(range(n)),
         "train_count": [50, 500, 20, 500, 5, 120][:n],
         "head_weight_norm": [1.0 + 0.1 * i for i in range(n)],
         "shot": ["medium", "many", "medium", "many", "few", "many"][:n],
@@ -50,12 +50,19 @@ def test_weight_norm_plot(tmp_path, kwargs):
 def test_weight_norm_plot_many_classes(tmp_path):
     n = 100
     per_class = {
-        "label": list(range(n)),
+        "position": list(range(n)),
         "train_count": [int(500 * 0.01 ** (i / (n - 1))) for i in range(n)],
         "head_weight_norm": list(np.random.default_rng(0).uniform(0.5, 2.0, n)),
         "shot": ["many"] * 40 + ["medium"] * 30 + ["few"] * 30,
     }
     _assert_png(plots.weight_norm_plot(per_class, tmp_path / "norms.png"))
+
+
+def test_classes_are_captioned_by_name_or_original_label_with_their_images():
+    per_class = {"position": [0, 1, 2], "original_label": [4, 9, 1], "name": ["deer", "", "automobile"], "train_count": [5000, 2997, 1796]}
+    assert plots.class_captions(per_class) == ["deer (5000)", "9 (2997)", "automobile (1796)"]
+    del per_class["name"]
+    assert plots.class_captions(per_class) == ["4 (5000)", "9 (2997)", "1 (1796)"]
 
 
 def test_classes_sorted_many_to_few_with_stable_ties():

@@ -38,7 +38,7 @@ def make_result(phase: int, num_phases: int = NUM_PHASES) -> PhaseResult:
     if phase == 0:
         metrics["acc_few"] = math.nan  # no few-shot class seen yet
     per_class = {
-        "label": seen,
+        "position": seen,
         "original_label": [c + 10 for c in seen],
         "name": [f"class{c}" for c in seen],
         "train_count": [TRAIN_COUNTS[c] for c in seen],
@@ -249,7 +249,7 @@ def test_run_logs_config_phases_and_artifacts(tmp_path, uri):
         assert_png(download(client, run_id, f"phase_{t}/weight_norms.png", tmp_path))
         table = pq.read_table(download(client, run_id, f"phase_{t}/per_class.parquet", tmp_path))
         assert table.num_rows == 2 * (t + 1)
-        assert table.column("label").to_pylist() == result.per_class["label"]
+        assert table.column("position").to_pylist() == result.per_class["position"]
         assert table.column("shot").to_pylist() == result.per_class["shot"]
         state = torch.load(download(client, run_id, f"phase_{t}/checkpoint.pt", tmp_path), weights_only=False)
         assert_states_equal(state, result.state)

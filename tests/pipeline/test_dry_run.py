@@ -1,0 +1,70 @@
+"""`imbcil run --dry-run`: the plan of a real run, its measured estimate, and nothing written."""
+
+import math
+import re
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.display import duration
+from pipeline.run import RunPlan, run_command
+
+from test_run_cli import REPO, TINY, invoke, only_run, sqlite_uri
+
+MEMORY = {
+    "per class": ["memory.budget=per_class", "memory.per_class=20"],
+    "fixed total": ["memory.budget=total", "memory.total=50"],  # 6 classes keep 8, then 6, then 5
+}
+
+
+def files_under(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("memory", MEMORY, ids=list(MEMORY))
+def test_the_plan_has_the_images_a_real_run_trains_and_the_dry_run_writes_nothing(tmp_path, data_root, memory):
+    args = [REPO / "configs/quickstart.yaml", *TINY, *MEMORY[memory], "--data-root", data_root,
+            "--tracking-uri", sqlite_uri(tmp_path), "--phase-store", tmp_path / "phases"]  # fmt: skip
+    code, output = invoke("run", *args, "--dry-run")
+    assert code == 0, output
+    assert files_under(tmp_path) == []  # no store, no phase store, nothing
+    assert "dry run: nothing was trained or logged" in output
+    estimate = re.search(r"estimate: (.+?) wall time for this run, one run at a time", output)
+    assert estimate, output
+
+    plan = run_command(
+        str(args[0]), [str(a) for a in TINY + MEMORY[memory]], data_root=str(data_root), tracking_uri=sqlite_uri(tmp_path),
+        experiment=None, device=None, resume=None, phase_store="off", dry_run=True,
+    )  # fmt: skip
+    assert isinstance(plan, RunPlan) and files_under(tmp_path) == []
+    assert [p.phase for p in plan.phases] == [0, 1, 2]
+    assert plan.phases[0].memory_images == 0 and plan.phases[1].memory_images > 0
+    for p in plan.phases:
+        assert f" {p.train_images} " in output  # the table shows what the run below trains
+    assert 0 < plan.rates.step_s < 60 and 0 < plan.rates.score_s < 1
+    assert plan.startup_s < plan.estimate_s < math.inf
+
+    code, output = invoke("run", *args[:-2], "--phase-store", "off")
+    assert code == 0, output
+    client = MlflowClient(sqlite_uri(tmp_path))
+    run = only_run(client)
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_images")}
+    assert logged == {p.phase: float(p.train_images) for p in plan.phases}
+
+
+def test_a_bad_config_under_dry_run_is_one_line_and_exit_2(tmp_path, data_root):
+    code, output = invoke("run", REPO / "configs/quickstart.yaml", "train.lr=-1", "--dry-run",
+                          "--data-root", data_root, "--tracking-uri", sqlite_uri(tmp_path))  # fmt: skip
+    assert code == 2
+    assert len(output.strip().splitlines()) == 1 and "train.lr" in output
+    assert files_under(tmp_path) == []
+
+
+def test_dry_run_does_not_take_resume(tmp_path):
+    code, output = invoke("run", "--resume", "0123abcd", "--dry-run", "--tracking-uri", sqlite_uri(tmp_path))
+    assert code == 2 and "--dry-run" in output and len(output.strip().splitlines()) == 1
+
+
+def test_durations_read_as_a_person_says_them():
+    assert [duration(s) for s in (0.4, 45, 200, 7500)] == ["0 s", "45 s", "3 min 20 s", "2 h 05 min"]
