@@ -149,6 +149,56 @@ def print_plan(plan) -> None:
     out.print("dry run: nothing was trained or logged")
 
 
+def print_sweep_plan(plan, say: Callable[[str], None]) -> None:
+    from rich.console import Console
+
+    from pipeline.check import OK, SKIPPED
+
+    spec, rates = plan.spec, plan.rates
+    passed = sum(r.status == OK for r in plan.preflight)
+    skipped = sum(r.status == SKIPPED for r in plan.preflight)
+    say(f"preflight (dry run, nothing written): {passed} checks passed, {skipped} skipped")
+    if len(plan.stages) == 2 and not plan.stages[1].reused_phase_0:
+        say("warning: the phase store is off, so the second stage trains phase 0 again in every trial")
+    out = console if console.is_terminal else Console(width=160, highlight=False)
+    for stage in plan.stages:
+        searched = ", ".join(spec.first_task.space if stage.name != spec.name else spec.space)
+        reuse = "; phase 0 from the first stage's best, through the phase store" if stage.reused_phase_0 else ""
+        say(f"sweep {stage.name}: {stage.trials} trials searching {searched}, {stage.concurrent} at a time{reuse}")
+        out.print(plan_table(stage.phases, title=f"one trial of {stage.name}, at the base config's values"))
+        waves = -(-stage.trials // stage.concurrent)
+        say(f"  {duration(stage.trial_s)} a trial, {waves} rounds of {stage.concurrent}: {duration(stage.stage_s)}")
+    thread_word = "thread" if plan.threads == 1 else "threads"
+    say(
+        f"measured on {rates.device}, {plan.threads} {thread_word} as a trial has: {rates.step_s:.3f} s per training step "
+        f"({rates.teacher_step_s:.3f} s with the teacher), {1 / rates.score_s:.0f} images/s scored"
+    )
+    stopping = "; a scheduler that stops trials early makes it shorter" if spec.tune.scheduler != "none" else ""
+    say(f"estimate: {duration(plan.estimate_s)} wall time for the sweep, every trial running every phase{stopping}")
+    say("dry run: no trial was started, nothing was logged")
+
+
+def print_reproduction_plan(plan) -> None:
+    from rich.console import Console
+
+    out = console if console.is_terminal else Console(width=160, highlight=False)
+    seeds = plan.plan.seeds
+    for name, phases in plan.phases.items():
+        rates = plan.rates[name]
+        out.print(plan_table(phases, title=f"{name}: one seed's run"))
+        out.print(
+            f"  {duration(plan.run_s[name])} a seed; measured on {rates.device}: {rates.step_s:.3f} s per training step "
+            f"({rates.teacher_step_s:.3f} s with the teacher), {1 / rates.score_s:.0f} images/s scored"
+        )
+    runs = len(plan.phases) * len(seeds)
+    thread_word = "thread" if plan.threads == 1 else "threads"
+    out.print(
+        f"estimate: {duration(plan.estimate_s)} wall time for {runs} runs ({len(plan.phases)} config(s) x seeds "
+        f"{' '.join(map(str, seeds))}), {plan.at_once} at a time with {plan.threads} {thread_word} each"
+    )
+    out.print("dry run: nothing was trained or logged")
+
+
 def torch_threads() -> int:
     import torch
 
@@ -231,6 +281,7 @@ def reproduce_cmd(
         typer.Option(help="GPUs Ray reserves for each run, fractions share one (default: 1 where Ray sees GPUs and the device is not cpu, else 0)."),
     ] = None,
     phase_store: PhaseStoreOption = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Run configs over several seeds; mean +- std next to the paper's number, in MLflow and a report."""
     from rich.table import Table
@@ -243,8 +294,11 @@ def reproduce_cmd(
     outcome = reproduce_command(
         args, seeds, full_budget=full_budget, address=address, tracking_uri=tracking_uri, data_root=data_root,
         output=output, experiment=experiment, device=device, parallel=parallel, cpus_per_run=cpus_per_run,
-        gpus_per_run=gpus_per_run, phase_store=phase_store,
+        gpus_per_run=gpus_per_run, phase_store=phase_store, dry_run=dry_run,
     )
+    if dry_run:
+        print_reproduction_plan(outcome)
+        return
     table = Table(title=f"{outcome.plan.name}: mean ± std over seeds")
     for column in ("config", "learner", "seeds", *SUMMARY_HEADERS.values()):
         table.add_column(column, justify="left" if column in ("config", "learner") else "right")
@@ -294,18 +348,26 @@ def sweep_cmd(
     data_root: DataRoot = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the sweep's tune.name).")] = None,
     phase_store: PhaseStoreOption = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Search hyperparameters with Ray Tune + Optuna: one MLflow run per trial under a sweep run."""
     from rich.console import Console
 
     from method.results import reported_beside
-    from pipeline.sweep.driver import SweepError, sweep_command
+    from pipeline.sweep.driver import SweepError, plan_sweep, sweep_command
     from pipeline.sweep.results import leaderboard_table
 
     def say(line: str) -> None:
         print(line, flush=True)  # one unwrapped line each: these are log lines, not a layout
 
     try:
+        if dry_run:
+            plan = plan_sweep(
+                sweep_file, overrides or [], address=address, storage=storage, resume=resume,
+                tracking_uri=tracking_uri, data_root=data_root, phase_store=phase_store,
+            )  # fmt: skip
+            print_sweep_plan(plan, say)
+            return
         outcome = sweep_command(
             sweep_file, overrides or [], address=address, storage=storage, resume=resume,
             tracking_uri=tracking_uri, data_root=data_root, experiment=experiment, phase_store=phase_store, say=say,

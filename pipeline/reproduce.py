@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from method.config import RunConfig, paper_budget, protocol_name
 from method.data import build_benchmark
 from method.events import PhaseDone, ProgressCallback, ProgressEvent, phase_label
-from pipeline import report
+from pipeline import STARTED, report
 from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, dump_yaml, resolve, validate
 from pipeline.names import (
@@ -40,7 +40,7 @@ from pipeline.names import (
 )
 from pipeline.run import train_tracked
 from pipeline.phase_store import PHASE_STORE_DIR, describe as describe_store, resolve_store_folder, user_store_folder
-from pipeline.runtime import absolute_store_uri, decoded_data, exception_line, forget_decoded_data, start_local_ray
+from pipeline.runtime import RAY_START_S, absolute_store_uri, decoded_data, exception_line, forget_decoded_data, start_local_ray
 from pipeline.tracking import (
     RunTracker,
     TrackingError,
@@ -433,6 +433,60 @@ def check_inputs(plan: Plan, cpus_per_run: float, gpus_per_run: Optional[float])
         raise ConfigError(f"--output: cannot write to {plan.output_dir}: {exc.strerror or exc}") from None
 
 
+@dataclass
+class ReproductionPlan:
+    """`reproduce --dry-run`: each config's phases, the runs at once, the wall-time estimate."""
+
+    plan: Plan
+    phases: dict[str, list]  # config name -> method.plan.PhasePlan per phase
+    rates: dict[str, Any]  # config name -> method.plan.Rates
+    run_s: dict[str, float]  # config name -> one seed's estimate
+    at_once: int
+    threads: int
+    estimate_s: float
+
+
+# A seed run's own start when it runs as a Ray task: the worker's imports, its MLflow run; and
+# the end of a reproduction: its table, report and plots (each about 5 s on 2 cores).
+RUN_START_S = 5.0
+REPORT_S = 5.0
+
+
+def plan_reproduction(plan: Plan, *, parallel: Optional[int] = None, cpus_per_run: float = 1.0) -> ReproductionPlan:
+    """The reproduction's checks, writing nothing, and its plan; runs are counted in full."""
+    import torch
+
+    from method.plan import estimate_seconds, measure_rates, plan_phases
+    from method.trainer import resolve_device
+
+    benchmarks = {e.config_name: build_benchmark(e.cfg.data, e.cfg.protocol, plan.seeds[0], raw=decoded_data(e.cfg.data)) for e in plan.entries}
+    results = preflight(plan.tracking_uri, address=plan.address, cfg=plan.entries[0].cfg, resources_per_trial={"cpu": cpus_per_run}, dry_run=True)
+    raise_on_failure(results)
+    existing = plan.output_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output: cannot write to {plan.output_dir}: {existing} is not writable")
+    jobs = len(plan.entries) * len(plan.seeds)
+    cpus = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    at_once = min(jobs, parallel if parallel is not None else max(1, int(cpus // max(cpus_per_run, 1e-9))))
+    use_ray = plan.address is not None or (jobs > 1 and at_once > 1)
+    threads = max(1, int(cpus_per_run)) if use_ray else torch.get_num_threads()  # Ray gives a task its CPUs' threads
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    phases, rates, run_s = {}, {}, {}
+    try:
+        for entry in plan.entries:
+            phases[entry.config_name] = plan_phases(entry.cfg, benchmarks[entry.config_name])
+            rates[entry.config_name] = measure_rates(entry.cfg, benchmarks[entry.config_name], resolve_device(entry.cfg.device))
+            run_s[entry.config_name] = RUN_START_S * use_ray + estimate_seconds(phases[entry.config_name], rates[entry.config_name])
+    finally:
+        torch.set_num_threads(saved)
+    serial = sum(run_s.values()) * len(plan.seeds)
+    overhead = time.perf_counter() - STARTED + RAY_START_S * use_ray + REPORT_S
+    return ReproductionPlan(plan, phases, rates, run_s, at_once, threads, overhead + serial / at_once)
+
+
 def _jobs(plan: Plan) -> list[SeedJob]:
     jobs = []
     for seed in plan.seeds:  # seed-major: with few workers, every config gets a first seed early
@@ -604,8 +658,9 @@ def reproduce_command(
     cpus_per_run: float = 1.0,
     gpus_per_run: Optional[float] = None,
     phase_store: Optional[str] = None,
-) -> Outcome:
-    """Everything `imbcil reproduce` does, from the raw command-line tokens."""
+    dry_run: bool = False,
+) -> Outcome | ReproductionPlan:
+    """Everything `imbcil reproduce` does, from the raw command-line tokens; `dry_run`: its plan instead."""
     config_paths, overrides, extra_seeds = split_arguments(tokens, seeds_given=bool(seed_values))
     seeds = parse_seeds([*seed_values, *extra_seeds]) if seed_values else list(DEFAULT_SEEDS)
     if parallel is not None and parallel < 1:
@@ -618,4 +673,6 @@ def reproduce_command(
         config_paths, overrides, seeds, full_budget=full_budget, address=address, tracking_uri=tracking_uri,
         data_root=data_root, output=output, experiment=experiment, device=device, phase_store=phase_store,
     )
+    if dry_run:
+        return plan_reproduction(plan, parallel=parallel, cpus_per_run=cpus_per_run)
     return reproduce(plan, parallel=parallel, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)

@@ -30,6 +30,7 @@ from ray.tune.experiment import Trial
 from method.config import protocol_name
 from method.data import DataError, no_data_root
 from method.events import phase_label
+from pipeline import STARTED
 from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, config_to_dict, save_config
 from pipeline.names import (
@@ -59,7 +60,7 @@ from pipeline.names import (
     TRIAL_ID_TAG,
 )
 from pipeline.phase_store import PHASE_STORE_DIR, describe as describe_store, resolve_store_folder
-from pipeline.runtime import absolute_store_uri, error_line, scoped_env, start_local_ray
+from pipeline.runtime import RAY_START_S, absolute_store_uri, error_line, scoped_env, start_local_ray
 from pipeline.sweep.spec import (
     SweepSpec,
     differing_key,
@@ -329,6 +330,107 @@ def sweep_command(
     outcome = _run_sweep(second, resume=resume and stage_two_saved, started=started, **options)
     outcome.first_stage = stage_one
     return outcome
+
+
+# A trial's own start in its worker: imports, its MLflow run (about 5 s on 2 cores).
+TRIAL_START_S = 5.0
+
+
+@dataclass
+class StagePlan:
+    name: str
+    trials: int
+    concurrent: int
+    phases: list  # method.plan.PhasePlan, for the base config
+    reused_phase_0: bool  # a staged sweep's main stage takes phase 0 from the store
+    trial_s: float
+    stage_s: float
+
+
+@dataclass
+class SweepPlan:
+    """`sweep --dry-run`: each stage's trials, phases and concurrency, and the wall-time estimate."""
+
+    spec: SweepSpec
+    stages: list[StagePlan]
+    preflight: list
+    rates: Any  # method.plan.Rates, measured with a trial's threads
+    threads: int
+    estimate_s: float
+
+
+def plan_sweep(
+    sweep_file: str,
+    overrides: list[str],
+    *,
+    address: Optional[str] = None,
+    storage: Optional[str] = None,
+    resume: bool = False,
+    tracking_uri: Optional[str] = None,
+    data_root: Optional[str] = None,
+    phase_store: Optional[str] = None,
+) -> SweepPlan:
+    """The sweep's checks, writing nothing, and its plan: no Ray, no trial, no run.
+
+    Every trial is counted with every phase (a scheduler that stops trials early makes it
+    shorter) and with the base config's values of the searched keys. Trials run as many at a
+    time as `tune.max_concurrent` and this machine's CPUs and GPUs allow, or, on a cluster,
+    as `tune.max_concurrent` says.
+    """
+    import torch
+
+    from method.data import build_benchmark
+    from method.plan import estimate_seconds, measure_rates, plan_phases
+    from method.trainer import resolve_device
+    from pipeline.runtime import decoded_data
+
+    spec = load_sweep(sweep_file, overrides, data_root=data_root)
+    storage_dir = _storage_dir(storage)
+    if not resume and (storage_dir / spec.name / "tuner.pkl").is_file():
+        raise SweepError(f"{storage_dir / spec.name} already holds sweep {spec.name!r}: pass --resume to continue it, or choose another tune.name or --storage")
+    _check_data(spec)
+    uri = absolute_store_uri(resolve_tracking_uri(tracking_uri))
+    results = preflight(uri, address=address, storage=str(storage_dir), cfg=spec.base, resources_per_trial=spec.tune.resources_per_trial, dry_run=True)
+    raise_on_failure(results)
+    base = spec.base
+    benchmark = build_benchmark(base.data, base.protocol, base.seed, raw=decoded_data(base.data))
+    need = {str(k).lower(): float(v) for k, v in spec.tune.resources_per_trial.items()}
+    threads = max(1, int(need.get("cpu", 1)))
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # as each trial runs (TrialContext.threads)
+    try:
+        rates = measure_rates(base, benchmark, resolve_device(base.device))
+    finally:
+        torch.set_num_threads(saved_threads)
+    store_on = resolve_store_folder(phase_store, storage_dir / PHASE_STORE_DIR) is not None
+    first = spec.first_stage()
+    stages = []
+    for stage in [first, spec] if first is not None else [spec]:
+        phases = plan_phases(stage.base, benchmark)[: stage.phases]
+        reused = stage is spec and first is not None and store_on
+        trial_s = TRIAL_START_S + estimate_seconds(phases, rates)
+        if reused:
+            trial_s -= phases[0].steps * rates.step_s
+        concurrent = _concurrency(stage.tune, need, address)
+        waves = math.ceil(stage.tune.num_samples / concurrent)
+        stages.append(StagePlan(stage.name, stage.tune.num_samples, concurrent, phases, reused, trial_s, waves * trial_s))
+    estimate = time.perf_counter() - STARTED + RAY_START_S * len(stages) + sum(stage.stage_s for stage in stages)
+    return SweepPlan(spec, stages, results, rates, threads, estimate)
+
+
+def _concurrency(tune_settings, need: Mapping[str, float], address: Optional[str]) -> int:
+    """Trials at once: the sweep's cap, and without --address this machine's CPUs and GPUs."""
+    cap = tune_settings.max_concurrent or tune_settings.num_samples
+    if address:
+        return max(1, min(cap, tune_settings.num_samples))
+    fits = [cap, tune_settings.num_samples]
+    if need.get("cpu", 0) > 0:
+        fits.append(int((os.cpu_count() or 1) // need["cpu"]))
+    if need.get("gpu", 0) > 0:
+        import torch
+
+        fits.append(int(torch.cuda.device_count() // need["gpu"]))
+    return max(1, min(fits))
 
 
 def _run_sweep(

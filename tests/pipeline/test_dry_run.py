@@ -68,3 +68,35 @@ def test_dry_run_does_not_take_resume(tmp_path):
 
 def test_durations_read_as_a_person_says_them():
     assert [duration(s) for s in (0.4, 45, 200, 7500)] == ["0 s", "45 s", "3 min 20 s", "2 h 05 min"]
+
+
+SMALL = ["data.train_fraction=0.03", "data.test_fraction=0.05", "train.epochs=1", "train.milestones=[1]"]
+
+
+def test_sweep_dry_run_plans_every_stage_and_writes_nothing(tmp_path, data_root):
+    code, output = invoke("sweep", REPO / "sweeps/cifar10_lt_lfh5_staged.yaml", *SMALL, "--dry-run", "--data-root", data_root,
+                          "--storage", tmp_path / "ray_results", "--tracking-uri", sqlite_uri(tmp_path),
+                          "--phase-store", tmp_path / "phases")  # fmt: skip
+    assert code == 0, output
+    assert files_under(tmp_path) == []
+    assert "preflight (dry run, nothing written)" in output
+    stages = re.findall(r"^sweep (\S+): (\d+) trials searching .+?, (\d+) at a time", output, re.M)
+    assert [(name, int(trials)) for name, trials, _ in stages] == [("cifar10_lt_lfh5_staged-first-task", 8), ("cifar10_lt_lfh5_staged", 16)], output
+    assert "phase 0 from the first stage's best, through the phase store" in output
+    assert re.search(r"estimate: .+ wall time for the sweep", output)
+
+
+def test_sweep_dry_run_refuses_a_bad_override_in_one_line(tmp_path, data_root):
+    code, output = invoke("sweep", REPO / "sweeps/quickstart.yaml", "train.epochs=0", "--dry-run", "--data-root", data_root,
+                          "--storage", tmp_path / "ray_results", "--tracking-uri", sqlite_uri(tmp_path))  # fmt: skip
+    assert code == 2 and len(output.strip().splitlines()) == 1 and "train.epochs" in output
+    assert files_under(tmp_path) == []
+
+
+def test_reproduce_dry_run_counts_every_run_and_writes_nothing(tmp_path, data_root):
+    code, output = invoke("reproduce", REPO / "configs/quickstart.yaml", *SMALL, "--seeds", "0", "1", "2", "--dry-run",
+                          "--data-root", data_root, "--output", tmp_path / "out", "--tracking-uri", sqlite_uri(tmp_path),
+                          "--parallel", "1")  # fmt: skip
+    assert code == 0, output
+    assert files_under(tmp_path) == []
+    assert re.search(r"estimate: .+ wall time for 3 runs \(1 config\(s\) x seeds 0 1 2\), 1 at a time", output), output
