@@ -472,6 +472,7 @@ def plan_reproduction(plan: Plan, *, parallel: Optional[int] = None, cpus_per_ru
     at_once = min(jobs, parallel if parallel is not None else max(1, int(cpus // max(cpus_per_run, 1e-9))))
     use_ray = plan.address is not None or (jobs > 1 and at_once > 1)
     threads = max(1, int(cpus_per_run)) if use_ray else torch.get_num_threads()  # Ray gives a task its CPUs' threads
+    startup_s = time.perf_counter() - STARTED  # before the measurement, which a real reproduction does not make
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     phases, rates, run_s = {}, {}, {}
@@ -483,7 +484,7 @@ def plan_reproduction(plan: Plan, *, parallel: Optional[int] = None, cpus_per_ru
     finally:
         torch.set_num_threads(saved)
     serial = sum(run_s.values()) * len(plan.seeds)
-    overhead = time.perf_counter() - STARTED + RAY_START_S * use_ray + REPORT_S
+    overhead = startup_s + RAY_START_S * use_ray + REPORT_S
     return ReproductionPlan(plan, phases, rates, run_s, at_once, threads, overhead + serial / at_once)
 
 

@@ -396,6 +396,7 @@ def plan_sweep(
     benchmark = build_benchmark(base.data, base.protocol, base.seed, raw=decoded_data(base.data))
     need = {str(k).lower(): float(v) for k, v in spec.tune.resources_per_trial.items()}
     threads = max(1, int(need.get("cpu", 1)))
+    startup_s = time.perf_counter() - STARTED  # before the measurement, which a real sweep does not make
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # as each trial runs (TrialContext.threads)
     try:
@@ -414,7 +415,7 @@ def plan_sweep(
         concurrent = _concurrency(stage.tune, need, address)
         waves = math.ceil(stage.tune.num_samples / concurrent)
         stages.append(StagePlan(stage.name, stage.tune.num_samples, concurrent, phases, reused, trial_s, waves * trial_s))
-    estimate = time.perf_counter() - STARTED + RAY_START_S * len(stages) + sum(stage.stage_s for stage in stages)
+    estimate = startup_s + RAY_START_S * len(stages) + sum(stage.stage_s for stage in stages)
     return SweepPlan(spec, stages, results, rates, threads, estimate)
 
 
