@@ -444,13 +444,15 @@ def check_cmd(
     tracking_uri: TrackingUri = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to check (HOST:PORT); default: this machine's resources.")] = None,
     storage: Annotated[
-        Optional[str], typer.Option(help="Storage folder (or URI) every node must be able to write (default for a sweep: ./ray_results).")
+        Optional[str], typer.Option(help="Storage folder every node must be able to write, as imbcil sweep takes it: a folder, not a URI (default for a sweep: ./ray_results).")
     ] = None,
     data_root: DataRoot = None,
 ) -> None:
     """Preflight: tracking store, artifacts, Ray cluster, shared storage and dataset, checked in seconds."""
     from pipeline.check import check_command, raise_on_failure, results_table
 
+    if storage is not None and "://" in storage:
+        raise ConfigError(f"--storage: give a folder (on a cluster, one every node sees), not a URI ({storage}); imbcil sweep takes only a folder")
     results = check_command(
         config, overrides or [], tracking_uri=tracking_uri, address=address, storage=storage, data_root=data_root
     )

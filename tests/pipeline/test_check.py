@@ -118,6 +118,12 @@ def test_each_failure_is_one_line_and_exit_2(tmp_path, uri, data_root, unused_po
     assert "failed" in stdout  # the table still shows every check
 
 
+def test_a_storage_uri_is_refused_as_the_sweep_refuses_it(uri):
+    code, stdout, stderr = invoke("check", "--tracking-uri", uri, "--storage", "s3://bucket/ray_results")
+    assert code == 2 and stdout == ""
+    assert stderr.strip() == "error: --storage: give a folder (on a cluster, one every node sees), not a URI (s3://bucket/ray_results); imbcil sweep takes only a folder"
+
+
 def test_a_password_in_the_tracking_uri_is_never_printed(unused_port):
     code, stdout, stderr = invoke("check", "--tracking-uri", f"http://bob:hunter2@127.0.0.1:{unused_port}")
     assert code == 2
