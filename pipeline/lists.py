@@ -6,7 +6,10 @@ says what it expects, and a tree that does not look like it is refused in one li
 
 - imagefolder: `train/<class>/*` and `val/<class>/*` (or `test/<class>/*`); classes sorted.
 - food101: the official archive, `images/<class>/<id>.jpg` with `meta/classes.txt`,
-  `meta/train.txt` and `meta/test.txt`.
+  `meta/train.txt` and `meta/test.txt`: the official split, in its own order. The long tail is
+  made at run time from this list (the first n_c lines of each class, method/data.py), not
+  here. The authors' Food-101-LT list differs: it was cut from their own re-split of the
+  images, shuffled with a seed they do not give, so its images cannot be rebuilt.
 - imagenet-subset / imagenet: ILSVRC-2012 `train/<wnid>/*` and `val/<wnid>/*`; the subset is the
   100 classes Long-Tailed-CIL's selection gives (see `imagenet_subset_classes`).
 
