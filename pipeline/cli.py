@@ -475,6 +475,8 @@ def lists_cmd(
     layout: Annotated[str, typer.Argument(help="imagefolder, food101, imagenet-subset or imagenet.")],
     source: Annotated[str, typer.Argument(help="The dataset's folder.")],
     output: Annotated[Optional[str], typer.Option(help="Where train.txt, test.txt and classes.txt go: the --data-root of the runs (default: the dataset's folder).")] = None,
+    rho: Annotated[float, typer.Option(help="food101: the training list's imbalance ratio, largest over smallest class (1: the whole official split).")] = 100.0,
+    seed: Annotated[int, typer.Option(help="food101: the seed that draws which training images each class keeps.")] = 0,
 ) -> None:
     """Write the train.txt / test.txt lists that the file-list datasets read, after checking the images."""
     from pathlib import Path
@@ -483,7 +485,9 @@ def lists_cmd(
 
     folder = Path(source).expanduser().absolute()
     out = Path(output).expanduser().absolute() if output else folder
-    made = make_lists(layout, folder, out)
+    if layout != "food101" and (rho != 100.0 or seed != 0):
+        raise ConfigError(f"--rho and --seed: only the food101 layout draws a long-tailed list, {layout} lists every image")
+    made = make_lists(layout, folder, out, rho=rho, seed=seed)
     check_images(made, out)
     written = write_lists(made, out)
     train, test = made.counts("train"), made.counts("test")

@@ -6,10 +6,12 @@ says what it expects, and a tree that does not look like it is refused in one li
 
 - imagefolder: `train/<class>/*` and `val/<class>/*` (or `test/<class>/*`); classes sorted.
 - food101: the official archive, `images/<class>/<id>.jpg` with `meta/classes.txt`,
-  `meta/train.txt` and `meta/test.txt`: the official split, in its own order. The long tail is
-  made at run time from this list (the first n_c lines of each class, method/data.py), not
-  here. The authors' Food-101-LT list differs: it was cut from their own re-split of the
-  images, shuffled with a seed they do not give, so its images cannot be rebuilt.
+  `meta/train.txt` and `meta/test.txt`. A run uses a Food-101 training list as it is (the
+  authors' code expects it long-tailed already), so the training list written here is the long
+  tail: class i of classes.txt keeps int(750 * rho^(-i/100)) of its official training images,
+  drawn with a seeded shuffle (`long_tailed`); the test list is the official one. The authors'
+  own list cannot be rebuilt: they cut it from a re-split of the images of their own and
+  shuffled it with a seed their code does not record.
 - imagenet-subset / imagenet: ILSVRC-2012 `train/<wnid>/*` and `val/<wnid>/*`; the subset is the
   100 classes Long-Tailed-CIL's selection gives (see `imagenet_subset_classes`).
 
@@ -34,6 +36,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".ti
 DECODE_SAMPLE = 200
 IMAGENET_CLASSES = 1000
 SUBSET_CLASSES, SUBSET_SEED = 100, 1993
+FOOD101_RHO = 100.0  # the paper's imbalance ratio: 750 training images down to 7
 
 
 class ListsError(ConfigError):
@@ -118,6 +121,25 @@ def imagenet(root: Path, out: Path, subset: bool) -> Lists:
     return imagefolder(root, out, imagenet_subset_classes(wnids) if subset else wnids)
 
 
+def long_tailed(lines: Sequence[tuple[str, int]], num_classes: int, rho: float, seed: int) -> list[tuple[str, int]]:
+    """Class i keeps int(n_max * rho^(-i/(C-1))) of its lines (at least one), chosen by one seeded stream.
+
+    n_max is the largest class; classes are drawn in label order, each from a permutation of its
+    lines, and the kept lines stay in the list's own order.
+    """
+    by_class: list[list[int]] = [[] for _ in range(num_classes)]
+    for index, (_, label) in enumerate(lines):
+        by_class[label].append(index)
+    n_max = max(len(indices) for indices in by_class)
+    rng = np.random.RandomState(seed)
+    kept = []
+    for label, indices in enumerate(by_class):
+        wanted = max(1, int(n_max * rho ** (-label / max(num_classes - 1, 1))))
+        chosen = rng.permutation(len(indices))[:wanted]
+        kept.extend(indices[i] for i in chosen)
+    return [lines[i] for i in sorted(kept)]
+
+
 def food101(root: Path, out: Path) -> Lists:
     meta, images = root / "meta", root / "images"
     for needed in (meta / "classes.txt", meta / "train.txt", meta / "test.txt", images):
@@ -141,15 +163,20 @@ def food101(root: Path, out: Path) -> Lists:
     return Lists(classes, split("train.txt"), split("test.txt"))
 
 
-def make_lists(layout: str, source: Path, out: Path) -> Lists:
+def make_lists(layout: str, source: Path, out: Path, rho: float = FOOD101_RHO, seed: int = 0) -> Lists:
+    """The layout's lists; for Food-101 the training list is long-tailed by `rho`, drawn with `seed`."""
     if layout not in LAYOUTS:
         raise ListsError(f"layout: must be one of {', '.join(LAYOUTS)} (got {layout!r})")
+    if not rho >= 1:
+        raise ListsError(f"--rho: must be >= 1 (got {rho:g})")
     if not source.is_dir():
         raise ListsError(f"{source}: not a folder")
     if layout == "imagefolder":
         return imagefolder(source, out)
     if layout == "food101":
-        return food101(source, out)
+        lists = food101(source, out)
+        lists.train = long_tailed(lists.train, len(lists.classes), rho, seed)
+        return lists
     return imagenet(source, out, subset=layout == "imagenet-subset")
 
 

@@ -64,17 +64,40 @@ def food101_tree(root: Path, classes=("beignets", "apple_pie"), train_ids=(("1",
 
 def test_the_food101_archive_gives_its_own_split_and_class_order(tmp_path):
     root = food101_tree(tmp_path / "food-101")
-    code, out, err = invoke("lists", "food101", root)
+    code, out, err = invoke("lists", "food101", root, "--rho", "1")  # rho 1: the whole official split
     assert code == 0, out + err
     assert lines(root / "classes.txt") == ["apple_pie", "beignets"]
     assert lines(root / "train.txt") == ["images/apple_pie/3.jpg 0", "images/beignets/1.jpg 1", "images/beignets/2.jpg 1"]
     assert lines(root / "test.txt") == ["images/apple_pie/8.jpg 0", "images/beignets/9.jpg 1"]
 
 
+def test_the_food101_training_list_is_long_tailed_by_a_seeded_draw(tmp_path):
+    classes = ("apple_pie", "beignets", "churros")
+    train_ids = tuple(tuple(f"{c[0]}{i}" for i in range(8)) for c in classes)
+    root = food101_tree(tmp_path / "food-101", classes, train_ids, (("t1",), ("t2",), ("t3",)))
+    code, out, err = invoke("lists", "food101", root, "--rho", "4", "--seed", "3")
+    assert code == 0, out + err
+    train = lines(root / "train.txt")
+    # int(8 * 4^(-i/2)) for class i: 8, 4, 2; each class's picks from one RandomState(3) stream, in turn.
+    rng = np.random.RandomState(3)
+    expected = []
+    for label, ids in enumerate(train_ids):
+        keep = sorted(rng.permutation(8)[: (8, 4, 2)[label]])
+        expected += [f"images/{classes[label]}/{ids[i]}.jpg {label}" for i in keep]
+    assert train == expected
+    assert lines(root / "test.txt") == ["images/apple_pie/t1.jpg 0", "images/beignets/t2.jpg 1", "images/churros/t3.jpg 2"]
+    assert "training images per class 2..8 (14 in all)" in out.replace("\n", " ")
+    invoke("lists", "food101", root, "--rho", "4", "--seed", "4")
+    other = lines(root / "train.txt")
+    assert other != train and [l.split()[1] for l in other] == [l.split()[1] for l in train]  # same counts, other images
+    assert_one_line_exit_2(*invoke("lists", "food101", root, "--rho", "0.5"))
+    assert_one_line_exit_2(*invoke("lists", "imagefolder", root, "--rho", "4"))
+
+
 def test_a_missing_image_and_a_wrong_layout_are_one_line_each(tmp_path):
     root = food101_tree(tmp_path / "food-101")
     (root / "images" / "beignets" / "2.jpg").unlink()
-    message = assert_one_line_exit_2(*invoke("lists", "food101", root))
+    message = assert_one_line_exit_2(*invoke("lists", "food101", root, "--rho", "1"))
     assert message == f"error: {root / 'images' / 'beignets' / '2.jpg'}: listed but missing"
     assert not (root / "train.txt").exists()  # nothing written
     folder = tmp_path / "pets"
