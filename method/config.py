@@ -56,14 +56,14 @@ def looked_up(module: str, name: str) -> Callable:
     return call
 
 
-DATASETS = ("cifar10", "cifar100", "imagenet_subset", "food101")
+DATASETS = ("cifar10", "cifar100", "imagenet_subset", "food101", "imagenet")
 
 
 @dataclass
 class DataConfig:
     dataset: str = bounded("cifar100", first_phase=0, choices=DATASETS)
     # auto: cifar10 -> the offline Parquet file if present, else the python folder;
-    # cifar100 -> the python folder; imagenet_subset/food101 -> train.txt/test.txt lists.
+    # cifar100 -> the python folder; imagenet_subset/food101/imagenet -> train.txt/test.txt lists.
     source: str = bounded("auto", first_phase=0, choices=("auto", "parquet", "folder", "filelist"))
     # Where the data lives; the CLI's --data-root / IMBCIL_DATA fill it when empty. The phase key
     # holds a fingerprint of the images themselves instead (method/phases.py).
@@ -219,6 +219,8 @@ DATASET_FACTS = {
     "cifar100": dict(num_classes=100, image_size=32, epochs=160, milestones=[80, 120], weight_decay=5e-4),
     "imagenet_subset": dict(num_classes=100, image_size=224, epochs=90, milestones=[30, 60], weight_decay=1e-4),
     "food101": dict(num_classes=101, image_size=224, epochs=90, milestones=[30, 60], weight_decay=1e-4),
+    # ILSVRC-2012, all 1000 classes: the authors' script runs it as it runs Food-101.
+    "imagenet": dict(num_classes=1000, image_size=224, epochs=90, milestones=[30, 60], weight_decay=1e-4),
 }
 
 

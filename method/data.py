@@ -37,7 +37,11 @@ NORMALIZATION = {
     "cifar100": ((0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)),
     "imagenet_subset": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "food101": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# Datasets whose training list is used as it is (the authors' code expects it long-tailed
+# already, or balanced for conventional CIL), with a seeded class order and a 224 resize first.
+AS_LISTED = ("food101", "imagenet")
 
 
 class DataError(RuntimeError):
@@ -317,8 +321,8 @@ def long_tail_counts(max_count: int, num_classes: int, imbalance: str, rho: floa
 
 
 def class_order(dataset: str, scenario: str, num_classes: int, seed: int) -> list[int]:
-    if dataset == "food101":
-        # Food-101's class order is a seeded permutation in both scenarios (method.md §1).
+    if dataset in AS_LISTED:
+        # Food-101's and ImageNet's class order is a seeded permutation in both scenarios (method.md §1).
         return np.random.RandomState(seed).permutation(num_classes).tolist()
     if scenario == "ordered" or dataset == "imagenet_subset":
         return list(range(num_classes))
@@ -386,7 +390,7 @@ def build_benchmark(data: DataConfig, protocol: ProtocolConfig, seed: int, raw: 
     order = class_order(data.dataset, data.scenario, num_classes, seed)
     original_counts = np.bincount(raw.train_labels, minlength=num_classes)
 
-    if data.scenario == "conventional" or data.imbalance == "none" or data.dataset == "food101":
+    if data.scenario == "conventional" or data.imbalance == "none" or data.dataset in AS_LISTED:
         keep = np.arange(len(raw.train_labels))
     elif data.dataset == "imagenet_subset":
         profile = long_tail_counts(int(original_counts[order[0]]), num_classes, data.imbalance, data.rho)
@@ -423,7 +427,7 @@ def build_benchmark(data: DataConfig, protocol: ProtocolConfig, seed: int, raw: 
         train=train.subset(np.flatnonzero(~held)),
         val=train.subset(np.flatnonzero(held)),
         test=test,
-        resize=224 if data.dataset == "food101" else None,
+        resize=224 if data.dataset in AS_LISTED else None,
     )
 
 

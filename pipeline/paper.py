@@ -23,6 +23,7 @@ DATASET_LABELS = {
     "cifar100": "CIFAR100-LT",
     "imagenet_subset": "ImageNetSubset-LT",
     "food101": "Food101-LT",
+    "imagenet": "ImageNet-1000",
 }
 
 # One row per method, 12 values in column order: CIFAR100-LT, ImageNetSubset-LT, Food101-LT,

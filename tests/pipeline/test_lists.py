@@ -143,3 +143,12 @@ def test_the_imagenet_subset_is_the_reference_selection_and_loads_as_imagenet_su
     full = tmp_path / "full"
     code, stdout, stderr = invoke("lists", "imagenet", root, "--output", full)
     assert code == 0 and lines(full / "classes.txt") == sorted(wnids) and len(lines(full / "train.txt")) == 2000
+    # ImageNet-1000 reads the whole list as it is: the authors' conventional LFS-10, 100 + 9 x 100.
+    config.write_text(
+        "data: {dataset: imagenet, scenario: conventional, val_fraction: 0.0}\n"
+        "protocol: {first_task_classes: 100, incremental_tasks: 9}\n"
+    )
+    code, stdout, stderr = invoke("data", config, "--data-root", full)
+    assert code == 0, stdout + stderr
+    assert stdout.splitlines()[0] == "imagenet: 2000 train / 0 val / 1000 test images"
+    assert " ".join(stdout.split()).count("= 200") == 10  # every task: 100 classes of 2 training images
