@@ -8,6 +8,7 @@ run's own device, network, batch size and precision (`measure_rates`).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from method.backbones import IncrementalNet
-from method.config import RunConfig
+from method.config import RunConfig, resolve_dataset_defaults
 from method.data import Benchmark
 from method.learners import TaskContext, make_learner
 from method.memory import budget_per_class
@@ -50,6 +51,7 @@ class Rates:
 
 
 def plan_phases(cfg: RunConfig, benchmark: Benchmark) -> list[PhasePlan]:
+    cfg = resolve_dataset_defaults(copy.deepcopy(cfg))  # the epochs a dataset default leaves unset
     learner = make_learner(cfg.learner)
     mem = cfg.memory
     train_labels = np.asarray(benchmark.train.labels)
@@ -70,8 +72,10 @@ def plan_phases(cfg: RunConfig, benchmark: Benchmark) -> list[PhasePlan]:
                 kept = {c: min(n, per_class) for c, n in kept.items()}
             for c in classes:
                 kept[c] = min(per_class, int(benchmark.train_counts[c]))
-            features += new_images if mem.selection == "herding" else 0
-            features += sum(kept.values()) if learner.nearest_mean else 0
+            herding = mem.selection == "herding"
+            features += new_images if herding else 0
+            if learner.nearest_mean:  # iCaRL's means: the new classes' rows come from the herding pass
+                features += sum(n for c, n in kept.items() if c not in classes or not herding)
         plans.append(
             PhasePlan(
                 phase=task, new_classes=len(classes), new_images=new_images, memory_images=memory_images,
@@ -101,11 +105,13 @@ def measure_rates(cfg: RunConfig, benchmark: Benchmark, device: torch.device, st
         """Heads up to `task`, the learner told so; the task's training images and a fresh optimiser."""
         model.add_head(trainer.task_sizes[task])
         num_old, num_seen = sum(trainer.task_sizes[:task]), sum(trainer.task_sizes[: task + 1])
-        counts = torch.as_tensor(benchmark.train_counts[:num_seen], dtype=torch.long, device=device)
+        original = torch.as_tensor(benchmark.train_counts[:num_seen], dtype=torch.long, device=device)
+        counts = original.clone()
+        counts[:num_old] = counts[:num_old].clamp(max=cfg.memory.per_class)  # old classes: as many as exemplars
         learner.begin_task(
             TaskContext(
-                task=task, num_old=num_old, num_seen=num_seen, class_counts=counts, original_counts=counts,
-                n_seen=int(counts[:num_old].sum()), n_new=int(counts[num_old:].sum()),
+                task=task, num_old=num_old, num_seen=num_seen, class_counts=counts, original_counts=original,
+                n_seen=int(original[:num_old].sum()), n_new=int(original[num_old:].sum()),
             )
         )  # fmt: skip
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
