@@ -160,10 +160,14 @@ def measure_rates(cfg: RunConfig, benchmark: Benchmark, device: torch.device, st
     return Rates(plain, with_teacher, (time.perf_counter() - start) / max(scored, 1), str(device))
 
 
+def training_seconds(plan: PhasePlan, rates: Rates) -> float:
+    """A phase's training steps at the measured rate: the first task has no teacher."""
+    return plan.steps * (rates.step_s if plan.phase == 0 else rates.teacher_step_s)
+
+
 def estimate_seconds(plans: list[PhasePlan], rates: Rates) -> float:
     """The phases' training, scoring and feature passes at the measured rates, with a fixed overhead each."""
-    total = 0.0
-    for plan in plans:
-        step = rates.step_s if plan.phase == 0 else rates.teacher_step_s
-        total += plan.steps * step + (plan.scored_images + plan.feature_images) * rates.score_s + PHASE_OVERHEAD_S
-    return total
+    return sum(
+        training_seconds(plan, rates) + (plan.scored_images + plan.feature_images) * rates.score_s + PHASE_OVERHEAD_S
+        for plan in plans
+    )

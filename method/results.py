@@ -69,7 +69,8 @@ class PhaseResult:
     task_aware_matrix: np.ndarray
     metrics: dict[str, float]
     # One entry per seen class, all lists of equal length: "position" (in the class order,
-    # what the heads and task_classes use), "original_label" (the dataset's), "name", "train_count" (orig(c)), "memory_count", "test_count", "accuracy" (percent),
+    # what the heads and task_classes use), "original_label" (the dataset's), "name",
+    # "train_count" (orig(c)), "memory_count", "test_count", "accuracy" (percent),
     # "head_weight_norm", "shot" ("many"/"medium"/"few").
     per_class: dict[str, list]
     # Everything needed to continue with phase + 1 (model, memory, RNG states, matrices);

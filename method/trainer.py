@@ -497,10 +497,11 @@ class IncrementalTrainer:
         rows are taken from those features; only the old classes' exemplars are run again.
         """
         known = herding_features or {}
-        rerun = [c for c in self.memory.counts() if c not in known]
+        in_memory = self.memory.counts()
+        rerun = [c for c in in_memory if c not in known]
         rerun_features, rerun_labels = self._features(self.memory.indices(rerun), self.old_model)
         parts, part_labels = [rerun_features], [rerun_labels.to(self.device)]
-        for label in sorted(set(self.memory.counts()) - set(rerun)):
+        for label in (c for c in in_memory if c in known):
             candidates = torch.as_tensor(np.flatnonzero(self.benchmark.train.labels == label))
             rows = torch.searchsorted(candidates, self.memory.indices([label]))
             parts.append(known[label][rows].to(self.device))

@@ -202,11 +202,11 @@ def _storage_writable(storage_root: Optional[str]) -> CheckResult:
         return CheckResult(STORAGE, SKIPPED, "no storage path given")
     if "://" in storage_root:
         return CheckResult(STORAGE, SKIPPED, f"dry run: {storage_root} is not written to")
-    existing = Path(storage_root)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        return CheckResult(STORAGE, FAILED, f"{storage_root}: {existing} is not a writable folder")
+    from pipeline.runtime import unwritable_ancestor
+
+    blocker = unwritable_ancestor(Path(storage_root))
+    if blocker is not None:
+        return CheckResult(STORAGE, FAILED, f"{storage_root}: {blocker} is not a writable folder")
     return CheckResult(STORAGE, OK, f"{storage_root} can be written here (dry run: nothing written)")
 
 

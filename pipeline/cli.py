@@ -14,7 +14,9 @@ import typer
 from method.data import DataError
 from pipeline.check import PreflightError
 from pipeline.config import ConfigError
-from pipeline.display import ProgressDisplay, console, duration, error, phase_store_table, phase_table, plan_table, reuse_line
+from pipeline.display import (
+    ProgressDisplay, console, duration, error, phase_store_table, phase_table, plan_table, rates_line, reuse_line, wide_console,
+)  # fmt: skip
 from pipeline.tracking import TrackingError
 
 app = typer.Typer(
@@ -126,21 +128,19 @@ def run(
 
 def print_plan(plan) -> None:
     """A run's dry-run plan: the phases' table, the rates it measured, the estimate."""
-    from rich.console import Console
-
     from method.config import protocol_name
+    from method.plan import training_seconds
 
     cfg, rates = plan.cfg, plan.rates
     setting = f"{cfg.data.dataset}-LT {cfg.data.scenario} {protocol_name(cfg)}"
     title = f"plan: {cfg.name}, {cfg.learner.name} on {setting}, {len(plan.phases)} phases"
-    out = console if console.is_terminal else Console(width=160, highlight=False)  # off a terminal: unsqueezed
+    out = wide_console()
     out.print(plan_table(plan.phases, title=title))
     threads = f", {torch_threads()} threads" if rates.device == "cpu" else ""
     out.print(
-        f"measured on {rates.device}{threads}: {rates.step_s:.3f} s per training step of {cfg.train.batch_size} images "
-        f"({rates.teacher_step_s:.3f} s with the teacher), {1 / rates.score_s:.0f} images/s scored"
+        f"measured on {rates.device}{threads}, batches of {cfg.train.batch_size}: {rates_line(rates)}"
     )
-    training = sum(p.steps * (rates.step_s if p.phase == 0 else rates.teacher_step_s) for p in plan.phases)
+    training = sum(training_seconds(p, rates) for p in plan.phases)
     out.print(
         f"estimate: {duration(plan.estimate_s)} wall time for this run, one run at a time "
         f"(start-up {duration(plan.startup_s)}, training {duration(training)}, "
@@ -150,8 +150,6 @@ def print_plan(plan) -> None:
 
 
 def print_sweep_plan(plan, say: Callable[[str], None]) -> None:
-    from rich.console import Console
-
     from pipeline.check import OK, SKIPPED
 
     spec, rates = plan.spec, plan.rates
@@ -160,7 +158,7 @@ def print_sweep_plan(plan, say: Callable[[str], None]) -> None:
     say(f"preflight (dry run, nothing written): {passed} checks passed, {skipped} skipped")
     if len(plan.stages) == 2 and not plan.stages[1].reused_phase_0:
         say("warning: the phase store is off, so the second stage trains phase 0 again in every trial")
-    out = console if console.is_terminal else Console(width=160, highlight=False)
+    out = wide_console()
     for stage in plan.stages:
         searched = ", ".join(spec.first_task.space if stage.name != spec.name else spec.space)
         reuse = "; phase 0 from the first stage's best, through the phase store" if stage.reused_phase_0 else ""
@@ -170,8 +168,7 @@ def print_sweep_plan(plan, say: Callable[[str], None]) -> None:
         say(f"  {duration(stage.trial_s)} a trial, {waves} rounds of {stage.concurrent}: {duration(stage.stage_s)}")
     thread_word = "thread" if plan.threads == 1 else "threads"
     say(
-        f"measured on {rates.device}, {plan.threads} {thread_word} as a trial has: {rates.step_s:.3f} s per training step "
-        f"({rates.teacher_step_s:.3f} s with the teacher), {1 / rates.score_s:.0f} images/s scored"
+        f"measured on {rates.device}, {plan.threads} {thread_word} as a trial has: {rates_line(rates)}"
     )
     stopping = "; a scheduler that stops trials early makes it shorter" if spec.tune.scheduler != "none" else ""
     say(f"estimate: {duration(plan.estimate_s)} wall time for the sweep, every trial running every phase{stopping}")
@@ -179,16 +176,13 @@ def print_sweep_plan(plan, say: Callable[[str], None]) -> None:
 
 
 def print_reproduction_plan(plan) -> None:
-    from rich.console import Console
-
-    out = console if console.is_terminal else Console(width=160, highlight=False)
+    out = wide_console()
     seeds = plan.plan.seeds
     for name, phases in plan.phases.items():
         rates = plan.rates[name]
         out.print(plan_table(phases, title=f"{name}: one seed's run"))
         out.print(
-            f"  {duration(plan.run_s[name])} a seed; measured on {rates.device}: {rates.step_s:.3f} s per training step "
-            f"({rates.teacher_step_s:.3f} s with the teacher), {1 / rates.score_s:.0f} images/s scored"
+            f"  {duration(plan.run_s[name])} a seed; measured on {rates.device}: {rates_line(rates)}"
         )
     runs = len(plan.phases) * len(seeds)
     thread_word = "thread" if plan.threads == 1 else "threads"
@@ -351,8 +345,6 @@ def sweep_cmd(
     dry_run: DryRun = False,
 ) -> None:
     """Search hyperparameters with Ray Tune + Optuna: one MLflow run per trial under a sweep run."""
-    from rich.console import Console
-
     from method.results import reported_beside
     from pipeline.sweep.driver import SweepError, plan_sweep, sweep_command
     from pipeline.sweep.results import leaderboard_table
@@ -377,7 +369,7 @@ def sweep_cmd(
         raise typer.Exit(EXIT_USAGE) from None
     metric = outcome.spec.tune.metric
     # Off a terminal (a log file, CI) rich would squeeze the table into 80 columns.
-    (console if console.is_terminal else Console(width=160, highlight=False)).print(leaderboard_table(outcome.trials, outcome.spec))
+    wide_console().print(leaderboard_table(outcome.trials, outcome.spec))
     best = outcome.best
     if best is not None:
         beside = reported_beside(metric)

@@ -135,6 +135,19 @@ def plan_table(plans: Sequence[Any], title: str = "") -> Table:
     return table
 
 
+def wide_console() -> Console:
+    """The console for tables; off a terminal (a log file, CI) rich would squeeze them into 80 columns."""
+    return console if console.is_terminal else Console(width=160, highlight=False)
+
+
+def rates_line(rates: Any) -> str:
+    """What a dry run measured (method.plan.Rates), in words."""
+    return (
+        f"{rates.step_s:.3f} s per training step ({rates.teacher_step_s:.3f} s with the teacher), "
+        f"{1 / rates.score_s:.0f} images/s scored"
+    )
+
+
 def duration(seconds: float) -> str:
     """2 h 05 min, 3 min 20 s, 45 s."""
     seconds = max(0, round(seconds))

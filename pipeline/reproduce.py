@@ -40,7 +40,7 @@ from pipeline.names import (
 )
 from pipeline.run import train_tracked
 from pipeline.phase_store import PHASE_STORE_DIR, describe as describe_store, resolve_store_folder, user_store_folder
-from pipeline.runtime import RAY_START_S, absolute_store_uri, decoded_data, exception_line, forget_decoded_data, start_local_ray
+from pipeline.runtime import RAY_START_S, absolute_store_uri, decoded_data, unwritable_ancestor, exception_line, forget_decoded_data, start_local_ray
 from pipeline.tracking import (
     RunTracker,
     TrackingError,
@@ -462,11 +462,9 @@ def plan_reproduction(plan: Plan, *, parallel: Optional[int] = None, cpus_per_ru
     benchmarks = {e.config_name: build_benchmark(e.cfg.data, e.cfg.protocol, plan.seeds[0], raw=decoded_data(e.cfg.data)) for e in plan.entries}
     results = preflight(plan.tracking_uri, address=plan.address, cfg=plan.entries[0].cfg, resources_per_trial={"cpu": cpus_per_run}, dry_run=True)
     raise_on_failure(results)
-    existing = plan.output_dir.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output: cannot write to {plan.output_dir}: {existing} is not writable")
+    blocker = unwritable_ancestor(plan.output_dir)
+    if blocker is not None:
+        raise ConfigError(f"--output: cannot write to {plan.output_dir}: {blocker} is not writable")
     jobs = len(plan.entries) * len(plan.seeds)
     cpus = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     at_once = min(jobs, parallel if parallel is not None else max(1, int(cpus // max(cpus_per_run, 1e-9))))

@@ -91,6 +91,17 @@ def start_local_ray(num_cpus: int, **options) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, **options)
 
 
+def unwritable_ancestor(path: Path) -> Optional[Path]:
+    """The nearest existing folder above (or at) `path` when it is not a writable folder, else None.
+
+    Where `path` does not exist yet, that folder is where it would be created.
+    """
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
+
+
 def absolute_store_uri(uri: str) -> str:
     """A relative SQLite or file store made absolute: trials and seeds run in other directories.
 

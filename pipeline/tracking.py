@@ -296,11 +296,11 @@ def _check_http(uri: str, timeout_s: float) -> None:
 
 
 def _check_writable_dir(path: Path, uri: str) -> None:
-    existing = path.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise TrackingError(f"tracking store {redact_uri(uri)} is not usable: directory {existing} is not writable")
+    from pipeline.runtime import unwritable_ancestor
+
+    blocker = unwritable_ancestor(path)
+    if blocker is not None:
+        raise TrackingError(f"tracking store {redact_uri(uri)} is not usable: directory {blocker} is not writable")
 
 
 def _check_sqlite(uri: str) -> None:

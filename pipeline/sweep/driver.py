@@ -380,7 +380,7 @@ def plan_sweep(
     import torch
 
     from method.data import build_benchmark
-    from method.plan import estimate_seconds, measure_rates, plan_phases
+    from method.plan import estimate_seconds, measure_rates, plan_phases, training_seconds
     from method.trainer import resolve_device
     from pipeline.runtime import decoded_data
 
@@ -411,7 +411,7 @@ def plan_sweep(
         reused = stage is spec and first is not None and store_on
         trial_s = TRIAL_START_S + estimate_seconds(phases, rates)
         if reused:
-            trial_s -= phases[0].steps * rates.step_s
+            trial_s -= training_seconds(phases[0], rates)
         concurrent = _concurrency(stage.tune, need, address)
         waves = math.ceil(stage.tune.num_samples / concurrent)
         stages.append(StagePlan(stage.name, stage.tune.num_samples, concurrent, phases, reused, trial_s, waves * trial_s))

@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from method.backbones import IncrementalNet
 from method.data import build_benchmark
 from method.memory import herding_order
 from method.trainer import IncrementalTrainer, fastest_eval_batch, frozen_teacher
 
+from test_teacher import trained_statistics_model
 from test_trainer import small_config
 
 
@@ -22,16 +21,8 @@ def benchmark(data_root, cifar10_raw):
 def trained_looking_trainer(data_root, benchmark, **extra) -> IncrementalTrainer:
     """A trainer whose model has every head and BatchNorm statistics of real images."""
     trainer = IncrementalTrainer(small_config(data_root, train_fraction=0.1, **extra), benchmark=benchmark)
-    torch.manual_seed(0)
-    model = IncrementalNet("resnet32")
-    for size in trainer.task_sizes:
-        model.add_head(size)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-        model.train()
+    model = trained_statistics_model(head_sizes=trainer.task_sizes)
+    with torch.no_grad():  # and the statistics of real images on top
         for x, _ in trainer.train_images.eval_batches(torch.arange(256), 128):
             model(x)
     trainer.model, trainer.old_model = model, frozen_teacher(model)

@@ -7,12 +7,12 @@ from method.backbones import IncrementalNet
 from method.trainer import frozen_teacher
 
 
-def trained_statistics_model(backbone="resnet32") -> IncrementalNet:
+def trained_statistics_model(backbone="resnet32", head_sizes=(3, 2)) -> IncrementalNet:
     """A model whose BatchNorm running statistics and affine terms are far from the identity."""
     torch.manual_seed(0)
     model = IncrementalNet(backbone)
-    model.add_head(3)
-    model.add_head(2)
+    for size in head_sizes:
+        model.add_head(size)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
