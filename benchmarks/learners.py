@@ -29,7 +29,7 @@ ROWS = {
     "lwf": ("lwf", {}),
     "icarl": ("icarl", {}),
     "wa": ("wa", {}),
-    "replay two-stage": ("replay", {"two_stage": True}),
+    "replay two-stage": ("replay", {"two_stage": "refit"}),
     "dgr": ("dgr", {}),
     "dgr w/o intra-phase reweighting": ("dgr", {"intra_phase_reweighting": False}),
     "dgr w/o inter-phase reweighting": ("dgr", {"inter_phase_reweighting": False}),

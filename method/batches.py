@@ -22,6 +22,8 @@ class ImageSource(Protocol):
 
     def eval_batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[Batch]: ...
 
+    def ordered_batches(self, order: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Batch]: ...
+
 
 class TensorImages:
     """A split held as one uint8 tensor on the device, augmented per batch with tensor ops."""
@@ -35,7 +37,11 @@ class TensorImages:
 
     def train_batches(self, indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         # Reshuffled every epoch; the last, shorter batch is kept (method.md §2).
-        order = indices[torch.randperm(len(indices), generator=generator)].to(self.device, non_blocking=True)
+        return self.ordered_batches(indices[torch.randperm(len(indices), generator=generator)], batch_size, generator)
+
+    def ordered_batches(self, order: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """Augmented training batches of `order`, in that order (a sampler's draws)."""
+        order = order.to(self.device, non_blocking=True)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             x = train_augment(self.images[batch], generator, self.mean, self.std)
@@ -81,12 +87,12 @@ class FileImages:
         self.eval_transform = T.Compose(resize + [T.CenterCrop(size)] + normalise)
         self.split, self.device, self.num_workers = split, device, num_workers
 
-    def _loader(self, indices: torch.Tensor, batch_size: int, transform, generator=None) -> Iterator[Batch]:
+    def _loader(self, indices: torch.Tensor, batch_size: int, transform, generator=None, shuffle=None) -> Iterator[Batch]:
         dataset = _FileDataset(self.split, indices, transform)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=generator is not None,
+            shuffle=generator is not None if shuffle is None else shuffle,
             generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -97,6 +103,9 @@ class FileImages:
 
     def train_batches(self, indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         return self._loader(indices, batch_size, self.train_transform, generator)
+
+    def ordered_batches(self, order: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        return self._loader(order, batch_size, self.train_transform, generator, shuffle=False)
 
     def eval_batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[Batch]:
         return self._loader(indices, batch_size, self.eval_transform)

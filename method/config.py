@@ -185,6 +185,39 @@ class DGRConfig:
 
 
 @dataclass
+class LUCIRConfig:
+    """LUCIR (Hou et al. 2019) as the Long-Tailed-CIL reference runs it (docs/method.md §6)."""
+
+    # The less-forget weight's base, times sqrt(old / new classes). None: the reference's 5 for
+    # the 160-epoch datasets (CIFAR), 10 for the 90-epoch ones.
+    lambda_base: Optional[float] = bounded(None, first_phase=1, ge=0.0)
+    lambda_mr: float = bounded(1.0, first_phase=1, ge=0.0)
+    margin: float = bounded(0.5, first_phase=1, ge=0.0)
+    hard_negatives: int = bounded(2, first_phase=1, ge=1)
+
+
+@dataclass
+class PODNetConfig:
+    """PODNet (Douillard et al. 2020) as the Long-Tailed-CIL reference runs it."""
+
+    # Each distillation term is scaled by its factor times sqrt(seen / new classes).
+    flat_factor: float = bounded(1.0, first_phase=1, ge=0.0)
+    spatial_factor: float = bounded(3.0, first_phase=1, ge=0.0)
+    nca_margin: float = bounded(0.6, first_phase=0)
+
+
+@dataclass
+class EEILConfig:
+    """EEIL (Castro et al. 2018) as the Long-Tailed-CIL reference runs it."""
+
+    lamb: float = bounded(1.0, first_phase=1, ge=0.0)
+    temperature: float = bounded(2.0, first_phase=1, gt=0.0)
+    # The balanced fine-tuning after each later task: lr x factor, its own epochs.
+    finetune_lr_factor: float = bounded(0.01, first_phase=1, gt=0.0)
+    finetune_epochs: int = bounded(40, first_phase=1, ge=0)
+
+
+@dataclass
 class LearnerConfig:
     """The learner and its knobs. A section named after a learner (`dgr`) is that learner's alone:
     the phase key reads it only when that learner runs."""
@@ -192,11 +225,17 @@ class LearnerConfig:
     name: str = bounded("dgr", first_phase=0, choices=registered("method.learners", "LEARNERS"), per_task=looked_up("method.learners", "trains_task_as"))
     # Temperature of the plain KD of lwf / icarl / wa.
     kd_temperature: float = bounded(2.0, first_phase=1, gt=0.0)
-    # After each task, retrain the classifier on a class-balanced sample, backbone frozen.
-    two_stage: bool = bounded(False, first_phase=0)
+    # After each task's training, the backbone frozen: none; refit (the heads refit on
+    # class-balanced draws of fixed features, two_stage_lr); lws (Long-Tailed-CIL's two-stage:
+    # the newest head and a per-class scaling of the scores on class-balanced, augmented draws,
+    # at the task's lr on a cosine schedule). Both run two_stage_epochs.
+    two_stage: str = bounded("none", first_phase=0, choices=("none", "refit", "lws"))
     two_stage_epochs: int = bounded(30, first_phase=0, ge=1)
     two_stage_lr: float = bounded(0.01, first_phase=0, gt=0.0)
     dgr: DGRConfig = field(default_factory=DGRConfig)
+    lucir: LUCIRConfig = field(default_factory=LUCIRConfig)
+    podnet: PODNetConfig = field(default_factory=PODNetConfig)
+    eeil: EEILConfig = field(default_factory=EEILConfig)
 
 
 @dataclass
@@ -248,6 +287,8 @@ def resolve_dataset_defaults(cfg: RunConfig) -> RunConfig:
         cfg.train.weight_decay = facts["weight_decay"]
     if cfg.model.backbone == "auto":
         cfg.model.backbone = "resnet32" if facts["image_size"] == 32 else "resnet18"
+    if cfg.learner.lucir.lambda_base is None:
+        cfg.learner.lucir.lambda_base = 10.0 if facts["epochs"] == 90 else 5.0
     return cfg
 
 

@@ -1,21 +1,38 @@
 """Learners: the few hooks where methods differ, over one shared training loop (trainer.py).
 
-Each training step, the trainer computes the loss terms a learner declares on the logits, the
-gradient of each term with respect to the logits (B, C), and then asks the learner for the
-logit-gradient to apply to the heads. The backbone always receives the plain gradient of the
-summed terms; only DGR changes the heads' gradient (method.md §3).
+Logit-level learners (DGR and the baselines): each training step, the trainer computes the loss
+terms a learner declares on the logits, the gradient of each term with respect to the logits
+(B, C), and then asks the learner for the logit-gradient to apply to the heads. The backbone
+always receives the plain gradient of the summed terms; only DGR changes the heads' gradient
+(method.md §3).
+
+Feature-level learners (LUCIR, PODNet) declare `needs_features`: their terms see the forward
+pass's features, similarities and, with `needs_maps`, the stages' feature maps, of the model and
+of the frozen old model, and the trainer runs a plain autograd step on their sum.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from method.config import LearnerConfig
-from method.losses import dakd_loss, log_prior, logit_adjusted_cross_entropy, soft_cross_entropy
+from method.config import LearnerConfig, TaskSchedule
+from method.losses import (
+    dakd_loss,
+    head_wise_distillation,
+    less_forget_loss,
+    log_prior,
+    logit_adjusted_cross_entropy,
+    margin_ranking_loss,
+    nca_loss,
+    pod_spatial_loss,
+    soft_cross_entropy,
+)
 from method.reweighting import (
     attenuation_gamma,
     balance_ratios,
@@ -36,6 +53,7 @@ class TaskContext:
     original_counts: torch.Tensor  # (num_seen,) orig(c)
     n_seen: int  # sum of orig(c) over old classes
     n_new: int  # training images of the new task
+    head_sizes: tuple[int, ...] = ()  # classes of each task's head, 0..task
 
     @property
     def removed_counts(self) -> torch.Tensor:
@@ -76,12 +94,28 @@ class Learner:
     # The learner whose first task this one trains identically (no old model, no memory yet):
     # what the phase key holds for phase 0, so those learners share it (method/phases.py).
     first_task_as = "replay"
+    head = "linear"  # the head type (method/heads.py)
+    needs_features = False  # a plain autograd step over `feature_loss_terms`
+    needs_maps = False  # ... whose outputs carry the stages' feature maps
+    # The old heads' parameters stay out of the optimiser, as LUCIR and PODNet keep them.
+    frozen_old_heads = False
 
     def __init__(self, cfg: LearnerConfig) -> None:
         self.cfg = cfg
 
     def begin_task(self, ctx: TaskContext) -> None:
         self.ctx = ctx
+
+    def shape_backbone(self, backbone) -> None:
+        """Hook once the backbone is built: a method's changes to the network."""
+
+    def finetuning_schedule(self, schedule: TaskSchedule) -> Optional[TaskSchedule]:
+        """EEIL: a later task's balanced fine-tuning, on the memory and as many new images."""
+        return None
+
+    def feature_loss_terms(self, outputs, old_outputs, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms of a `needs_features` learner, from backbones.Outputs of the model and old model."""
+        raise NotImplementedError
 
     def loss_terms(self, logits: torch.Tensor, old_logits: torch.Tensor | None, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = {"ce": F.cross_entropy(logits, targets)}
@@ -200,3 +234,111 @@ class GradientReweighting(Learner):
         rho_kd = kd_magnitude_ratio(class_weights * ce_norms, kd_norms)
         # Old rows: w_c dLce + rho_kd dLkd; new rows: w_c dLce (KD has no gradient there).
         return ce_grad * class_weights + rho_kd * kd_grad
+
+
+@register("lucir")
+class LUCIR(Learner):
+    """LUCIR: cosine heads, less-forget on the features, margin ranking on hard negatives.
+
+    As the Long-Tailed-CIL reference (src/approach/lucir.py): the last block's final ReLU is
+    removed, the old heads are frozen, one sigma is shared by all heads and trained. No
+    weight imprinting: the reference leaves it out.
+    """
+
+    distills = True
+    needs_features = True
+    head = "cosine"
+    frozen_old_heads = True
+    first_task_as = "lucir"  # cosine heads and the missing ReLU shape phase 0 too
+
+    def shape_backbone(self, backbone) -> None:
+        backbone.remove_final_relu(every_block=False)
+
+    def begin_task(self, ctx: TaskContext) -> None:
+        super().begin_task(ctx)
+        lucir = self.cfg.lucir
+        if ctx.num_old:
+            # Eq. 7, the adaptive weight: lambda_base * sqrt(old classes / new classes).
+            self.less_forget_weight = lucir.lambda_base * math.sqrt(ctx.num_old / (ctx.num_seen - ctx.num_old))
+
+    def feature_loss_terms(self, outputs, old_outputs, targets):
+        terms = {"ce": F.cross_entropy(outputs.logits, targets)}
+        if old_outputs is None or not self.ctx.num_old:
+            return terms
+        lucir = self.cfg.lucir
+        terms["less_forget"] = self.less_forget_weight * less_forget_loss(outputs.features, old_outputs.features)
+        # The reference's top-K over the new classes needs K of them; LFH tasks of one class have fewer.
+        k = min(lucir.hard_negatives, self.ctx.num_seen - self.ctx.num_old)
+        ranking = margin_ranking_loss(outputs.similarities, targets, self.ctx.num_old, k, lucir.margin)
+        terms["margin_ranking"] = lucir.lambda_mr * ranking
+        return terms
+
+
+@register("podnet")
+class PODNet(Learner):
+    """PODNet: POD-spatial on the stages' maps, POD-flat on the features, NCA on an LSC head.
+
+    As the Long-Tailed-CIL reference (src/approach/podnet.py, networks/resnet32_podnet.py): no
+    block of the network ends in a ReLU, ten proxies per class, old heads frozen, one shared
+    sigma. The reference scales both distillation terms by sqrt(n_classes / task_size) but never
+    sets either count (a division by zero after the first task); the counts here are the ones
+    PODNet's own code uses: classes seen so far over the new task's classes.
+    """
+
+    distills = True
+    needs_features = True
+    needs_maps = True
+    head = "lsc"
+    frozen_old_heads = True
+    first_task_as = "podnet"
+
+    def shape_backbone(self, backbone) -> None:
+        backbone.remove_final_relu(every_block=True)
+
+    def begin_task(self, ctx: TaskContext) -> None:
+        super().begin_task(ctx)
+        self.class_factor = math.sqrt(ctx.num_seen / (ctx.num_seen - ctx.num_old))
+
+    def feature_loss_terms(self, outputs, old_outputs, targets):
+        pod = self.cfg.podnet
+        terms = {"nca": nca_loss(outputs.logits, targets, pod.nca_margin)}
+        if old_outputs is None or not self.ctx.num_old:
+            return terms
+        flat = less_forget_loss(outputs.features, old_outputs.features)
+        terms["pod_flat"] = pod.flat_factor * self.class_factor * flat
+        spatial = pod_spatial_loss(outputs.maps, old_outputs.maps)
+        terms["pod_spatial"] = pod.spatial_factor * self.class_factor * spatial
+        return terms
+
+
+@register("eeil")
+class EEIL(Learner):
+    """EEIL: cross-entropy plus head-wise distillation, then balanced fine-tuning (eeil.py).
+
+    The reference's distillation sums over old heads 0..t-2 during the task's training (the
+    last old head is left out, so task 1 trains without distillation) and over every old head
+    during the balanced fine-tuning; both are kept as it runs them.
+    """
+
+    distills = True
+    finetuning = False  # set by the trainer around the fine-tuning stage
+
+    def finetuning_schedule(self, schedule: TaskSchedule) -> Optional[TaskSchedule]:
+        eeil = self.cfg.eeil
+        if not eeil.finetune_epochs:
+            return None
+        # The reference's train loop again: the same milestones, a fresh optimiser.
+        return TaskSchedule(schedule.lr * eeil.finetune_lr_factor, eeil.finetune_epochs, schedule.milestones)
+
+    def loss_terms(self, logits, old_logits, targets):
+        terms = {"ce": F.cross_entropy(logits, targets)}
+        if old_logits is None or not self.ctx.num_old:
+            return terms
+        old_heads = len(self.ctx.head_sizes) - 1
+        distilled = old_heads if self.finetuning else old_heads - 1
+        bounds = [0, *itertools.accumulate(self.ctx.head_sizes)]
+        heads = [(bounds[i], bounds[i + 1]) for i in range(distilled)]
+        if heads:
+            eeil = self.cfg.eeil
+            terms["kd"] = eeil.lamb * head_wise_distillation(logits, old_logits, heads, eeil.temperature)
+        return terms

@@ -76,11 +76,18 @@ def plan_phases(cfg: RunConfig, benchmark: Benchmark) -> list[PhasePlan]:
             features += new_images if herding else 0
             if learner.nearest_mean:  # iCaRL's means: the new classes' rows come from the herding pass
                 features += sum(n for c, n in kept.items() if c not in classes or not herding)
+        steps = schedule.epochs * math.ceil(seen / cfg.train.batch_size)
+        train_images = schedule.epochs * seen
+        finetuning = learner.finetuning_schedule(schedule) if task > 0 else None
+        if finetuning is not None:  # EEIL: the memory and as many new images (trainer._balanced_finetuning)
+            finetuned = memory_images + min(new_images, memory_images)
+            steps += finetuning.epochs * math.ceil(finetuned / cfg.train.batch_size)
+            train_images += finetuning.epochs * finetuned
         plans.append(
             PhasePlan(
                 phase=task, new_classes=len(classes), new_images=new_images, memory_images=memory_images,
-                epochs=schedule.epochs, steps=schedule.epochs * math.ceil(seen / cfg.train.batch_size),
-                train_images=schedule.epochs * seen, scored_images=scored, feature_images=features,
+                epochs=schedule.epochs, steps=steps, train_images=train_images, scored_images=scored,
+                feature_images=features,
             )
         )  # fmt: skip
     return plans
@@ -92,14 +99,17 @@ def measure_rates(cfg: RunConfig, benchmark: Benchmark, device: torch.device, st
     The plain steps are the first task's; the teacher steps the second task's (heads for two
     tasks, the first task's frozen model as the teacher). Without distillation they are alike.
     """
-    from method.trainer import IncrementalTrainer, frozen_teacher, training_step
+    from method.trainer import IncrementalTrainer, autograd_step, frozen_teacher, training_step
 
     trainer = IncrementalTrainer(cfg, benchmark=benchmark, device=device)
     cfg = trainer.cfg
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     learner = make_learner(cfg.learner)
-    model = IncrementalNet(cfg.model.backbone).to(device)
+    model = IncrementalNet(cfg.model.backbone, learner.head)
+    learner.shape_backbone(model.backbone)
+    model.to(device)
+    step = autograd_step if learner.needs_features else training_step
 
     def begin(task: int) -> tuple[torch.Tensor, torch.optim.Optimizer]:
         """Heads up to `task`, the learner told so; the task's training images and a fresh optimiser."""
@@ -112,6 +122,7 @@ def measure_rates(cfg: RunConfig, benchmark: Benchmark, device: torch.device, st
             TaskContext(
                 task=task, num_old=num_old, num_seen=num_seen, class_counts=counts, original_counts=original,
                 n_seen=int(original[:num_old].sum()), n_new=int(original[num_old:].sum()),
+                head_sizes=tuple(trainer.task_sizes[: task + 1]),
             )
         )  # fmt: skip
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
@@ -128,7 +139,7 @@ def measure_rates(cfg: RunConfig, benchmark: Benchmark, device: torch.device, st
                 if done == warmup:
                     trainer._synchronise()
                     start = time.perf_counter()
-                training_step(model, old_model, learner, x, y, optimizer, trainer._autocast)
+                step(model, old_model, learner, x, y, optimizer, trainer._autocast)
                 done += 1
                 if done == warmup + steps:
                     break
@@ -139,7 +150,7 @@ def measure_rates(cfg: RunConfig, benchmark: Benchmark, device: torch.device, st
     task, num_seen = 0, trainer.task_sizes[0]
     with_teacher = plain
     if len(trainer.task_sizes) > 1:
-        teacher = frozen_teacher(model)
+        teacher = frozen_teacher(model, fold=not learner.needs_maps)
         task, num_seen = 1, sum(trainer.task_sizes[:2])
         indices, optimizer = begin(1)
         with_teacher = step_seconds(indices, optimizer, teacher if learner.distills else None)

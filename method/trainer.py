@@ -21,13 +21,14 @@ from torch.fx.experimental.optimization import fuse as fuse_conv_bn
 
 from method.backbones import IncrementalNet
 from method.batches import image_source
-from method.config import RunConfig, resolve_dataset_defaults
+from method.config import RunConfig, TaskSchedule, resolve_dataset_defaults
 from method.data import Benchmark, build_benchmark
 from method.events import BatchDone, EpochDone, PhaseDone, PhaseStarted, ProgressCallback
 from method.graphs import graph_inference, graph_training_forward
 from method.learners import TaskContext, make_learner
 from method.memory import ExemplarMemory, budget_per_class, herding_order, random_order
 from method.phases import PhaseStore, StoredPhase, phase_keys
+from method.two_stage import learn_weight_scaling
 from method.metrics import (
     accuracy_rows,
     average_accuracy,
@@ -113,6 +114,40 @@ def training_step(
     return sum(term.detach() for term in terms.values())
 
 
+def autograd_step(
+    model: IncrementalNet,
+    old_model: Optional[IncrementalNet],
+    learner,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    autocast: Callable[[], Any] = nullcontext,
+) -> torch.Tensor:
+    """One plain SGD step of a feature-level learner (LUCIR, PODNet): backward of the summed terms.
+
+    With `frozen_old_heads`, the old classes' rows are put back after the step: the reference
+    keeps them out of its optimiser, and SGD's weight decay and momentum would move rows whose
+    gradient is zero.
+    """
+    with autocast():
+        outputs = model.outputs(x, maps=learner.needs_maps)
+    old_outputs = None
+    if learner.distills and old_model is not None:
+        with torch.no_grad(), autocast():
+            old_outputs = old_model.outputs(x, maps=learner.needs_maps)
+    terms = learner.feature_loss_terms(outputs, old_outputs, y)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    old_rows = model.head_rows(learner.ctx.num_old)
+    frozen = model.head_weight[: old_rows.start].detach().clone() if learner.frozen_old_heads else None
+    optimizer.step()
+    if frozen is not None and len(frozen):
+        with torch.no_grad():
+            model.head_weight[: old_rows.start] = frozen
+    return loss.detach()
+
+
 def fastest_eval_batch(device: torch.device) -> int:
     """The batch at which a frozen model scores fastest on `device`, with the same outputs.
 
@@ -123,17 +158,20 @@ def fastest_eval_batch(device: torch.device) -> int:
     return 1024 if device.type == "cuda" else 64
 
 
-def frozen_teacher(model: IncrementalNet) -> IncrementalNet:
+def frozen_teacher(model: IncrementalNet, fold: bool = True) -> IncrementalNet:
     """A frozen, eval-mode copy of `model`, with each BatchNorm of its backbone folded.
 
     It evaluates the phase just trained and distils into the next one. Folding a BatchNorm into
     the convolution before it is exact up to float rounding and makes the forward, which every
     distilling step pays, about a quarter cheaper on CPU. A backbone that torch.fx cannot trace
-    is kept unfolded.
+    is kept unfolded, and so is one whose stage maps a learner distils (`fold=False`): the
+    folded copy is a traced graph of `forward` alone.
     """
     frozen = copy.deepcopy(model).eval()
     for parameter in frozen.parameters():
         parameter.requires_grad_(False)
+    if not fold:
+        return frozen
     try:
         frozen.backbone = fuse_conv_bn(frozen.backbone)
     except Exception:  # noqa: BLE001 -- whatever stops the tracer, the plain copy still works
@@ -236,7 +274,10 @@ class IncrementalTrainer:
     def _initialise(self) -> int:
         torch.manual_seed(self.cfg.seed)  # model and head initialisation
         self.generator = torch.Generator().manual_seed(self.cfg.seed)  # batches, augmentation, sampling
-        self.model = IncrementalNet(self.cfg.model.backbone).to(self.device)
+        lws = self.cfg.learner.two_stage == "lws"
+        self.model = IncrementalNet(self.cfg.model.backbone, self.learner.head, class_scaling=lws)
+        self.learner.shape_backbone(self.model.backbone)
+        self.model.to(self.device)
         self.memory = ExemplarMemory()
         # The frozen model of the last finished phase: it evaluates that phase, teaches the next.
         self.old_model: Optional[IncrementalNet] = None
@@ -274,6 +315,9 @@ class IncrementalTrainer:
             torch.cuda.set_rng_state_all(cuda_rng)
         self.generator.set_state(generator)
 
+    def _frozen(self, model: IncrementalNet) -> IncrementalNet:
+        return frozen_teacher(model, fold=not self.learner.needs_maps)
+
     def _restore(self, state: dict[str, Any]) -> int:
         if state.get("format") != STATE_FORMAT:
             raise ValueError("checkpoint was written by an incompatible version of imbcil")
@@ -289,7 +333,7 @@ class IncrementalTrainer:
         if state.get("val_matrix") is not None:  # absent from checkpoints of before validation metrics
             self.val_matrix = np.array(state["val_matrix"], dtype=float)
         self._set_rng_states(state["torch_rng"], state.get("cuda_rng"), state["generator"])
-        self.old_model = frozen_teacher(self.model)
+        self.old_model = self._frozen(self.model)
         return int(state["phase"]) + 1
 
     # ------------------------------------------------------------------ one phase
@@ -316,13 +360,18 @@ class IncrementalTrainer:
             else:
                 train_start = time.perf_counter()
                 loss, images_seen = self._train(task, train_indices, ctx)
+                if task > 0 and self.learner.finetuning_schedule(cfg.train.for_task(task)) is not None:
+                    loss, finetuned = self._balanced_finetuning(task, memory_indices, new_indices, ctx)
+                    images_seen += finetuned
                 self._synchronise()
                 train_seconds = time.perf_counter() - train_start
                 self.learner.end_task(self.model)
-                if cfg.learner.two_stage:
+                if cfg.learner.two_stage == "refit":
                     self._retrain_classifier(train_indices, num_seen)
+                elif cfg.learner.two_stage == "lws":
+                    self._learn_weight_scaling(task, train_indices, num_old)
                 trained = self._trained_state(task, loss, train_seconds, images_seen)
-            self.old_model = frozen_teacher(self.model)  # this phase's final model, from here on
+            self.old_model = self._frozen(self.model)  # this phase's final model, from here on
             herding_features = stored.herding_features if stored is not None else None
             if self.learner.uses_memory:
                 herding_features = self._update_memory(task, num_seen, herding_features)
@@ -385,6 +434,7 @@ class IncrementalTrainer:
             original_counts=original.to(self.device),
             n_seen=int(original[:num_old].sum()),
             n_new=n_new,
+            head_sizes=tuple(self.task_sizes[: task + 1]),
         )
 
     def _autocast(self):
@@ -399,9 +449,9 @@ class IncrementalTrainer:
 
     # ------------------------------------------------------------------ training
 
-    def _train(self, task: int, indices: torch.Tensor, ctx: TaskContext) -> tuple[float, int]:
+    def _train(self, task: int, indices: torch.Tensor, ctx: TaskContext, schedule: Optional[TaskSchedule] = None) -> tuple[float, int]:
         train = self.cfg.train
-        lr, epochs, milestones = train.for_task(task)
+        lr, epochs, milestones = schedule or train.for_task(task)
         optimizer = torch.optim.SGD(
             self.model.parameters(), lr=lr, momentum=train.momentum, weight_decay=train.weight_decay
         )
@@ -417,9 +467,12 @@ class IncrementalTrainer:
                 if train.cuda_graph and not captured and len(x) == train.batch_size:
                     backbone, teacher = self._graphed_forwards(x)
                     captured = True
-                loss_sum += training_step(
-                    self.model, teacher, self.learner, x, y, optimizer, self._autocast, backbone=backbone
-                )
+                if self.learner.needs_features:
+                    loss_sum += autograd_step(self.model, teacher, self.learner, x, y, optimizer, self._autocast)
+                else:
+                    loss_sum += training_step(
+                        self.model, teacher, self.learner, x, y, optimizer, self._autocast, backbone=backbone
+                    )
                 self.progress(BatchDone(task, epoch + 1, batch + 1, batches_per_epoch))
             schedule.step()
             epoch_loss = float(loss_sum) / batches_per_epoch  # one host read per epoch
@@ -440,6 +493,28 @@ class IncrementalTrainer:
         if self.old_model is not None and self.learner.distills:
             teacher = graph_inference(self.old_model, sample, self._autocast)
         return self._graphed_backbone, teacher
+
+    def _balanced_finetuning(self, task: int, memory_indices: torch.Tensor, new_indices: torch.Tensor, ctx: TaskContext) -> tuple[float, int]:
+        """EEIL's balanced fine-tuning: the memory and as many new images, drawn at random over the
+        new task (the reference's subset, not per class), with the learner's own schedule."""
+        schedule = self.learner.finetuning_schedule(self.cfg.train.for_task(task))
+        drawn = new_indices[torch.randperm(len(new_indices), generator=self.generator)[: len(memory_indices)]]
+        self.learner.finetuning = True
+        try:
+            return self._train(task, torch.cat([memory_indices, drawn]), ctx, schedule)
+        finally:
+            self.learner.finetuning = False
+
+    def _learn_weight_scaling(self, task: int, indices: torch.Tensor, num_old: int) -> None:
+        """Two-stage LWS (method/two_stage.py) on the task's training images."""
+        train = self.cfg.train
+        learn_weight_scaling(
+            self.model,
+            lambda order: self.train_images.ordered_batches(indices[order], train.batch_size, self.generator),
+            self.train_labels[indices], num_old, epochs=self.cfg.learner.two_stage_epochs,
+            lr=train.for_task(task).lr, scaling_lr_factor=train.lr_decay, momentum=train.momentum,
+            weight_decay=train.weight_decay, generator=self.generator, autocast=self._autocast,
+        )  # fmt: skip
 
     def _retrain_classifier(self, indices: torch.Tensor, num_seen: int) -> None:
         """Two-stage: refit the heads on class-balanced samples of frozen-backbone features."""
@@ -520,7 +595,7 @@ class IncrementalTrainer:
         if class_means is not None:
             # Nearest mean of exemplars: the negative distance is the score.
             return -torch.cdist(F.normalize(features, dim=1), class_means)
-        return net.logits(features)[:, :num_seen]
+        return net.scores(features)[:, :num_seen]
 
     @torch.no_grad()
     def _validation_accuracy(self, num_seen: int) -> float:
@@ -571,7 +646,7 @@ class IncrementalTrainer:
 
         train_counts = bench.train_counts[:num_seen]
         memory_counts = self.memory.counts()
-        weight_norms = torch.linalg.vector_norm(self.model.head_weight, dim=1).cpu().numpy()
+        weight_norms = self.model.class_weight_norms().cpu().numpy()
         order = np.asarray(rows.class_labels)
         metrics = {
             "acc": average_accuracy(self.acc_matrix, task),

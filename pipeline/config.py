@@ -56,12 +56,22 @@ def _build(raw: dict[str, Any] | None) -> RunConfig:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping of keys, got {type(raw).__name__}")
+    raw = _upgraded(copy.deepcopy(raw))
     try:
-        cfg = _RUN_CONFIG_ADAPTER.validate_python(copy.deepcopy(raw))
+        cfg = _RUN_CONFIG_ADAPTER.validate_python(raw)
     except pydantic.ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
     _check_bounds(cfg, prefix="")  # before anything looks a dataset's facts up
     return cfg
+
+
+def _upgraded(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config as older releases wrote it, in today's keys: learner.two_stage was a switch for
+    the refit (every exported config names it), and now names the kind of second stage."""
+    learner = raw.get("learner")
+    if isinstance(learner, dict) and isinstance(learner.get("two_stage"), bool):
+        learner["two_stage"] = "refit" if learner["two_stage"] else "none"
+    return raw
 
 
 def resolve(
@@ -150,6 +160,12 @@ def _check_rules(cfg: RunConfig) -> None:
     if not learner.uses_memory and cfg.memory.budget != "none":
         # A learner defined as learning without memory: say so rather than silently ignore it.
         raise ConfigError(f"memory.budget: learner {cfg.learner.name} keeps no memory; set memory.budget=none")
+    if cfg.train.cuda_graph and learner.needs_features:
+        raise ConfigError(f"train.cuda_graph: learner {cfg.learner.name} runs a plain autograd step, which is not captured")
+    if cfg.learner.two_stage == "refit" and learner.head != "linear":
+        raise ConfigError(
+            f"learner.two_stage: refit fits linear heads; {cfg.learner.name} has {learner.head} heads (use lws)"
+        )
     if cfg.train.cuda_graph and cfg.device == "cpu":
         raise ConfigError("train.cuda_graph: CUDA graphs need device cuda (or auto on a CUDA machine), not cpu")
     source = cfg.data.source

@@ -45,6 +45,22 @@ _ROWS: dict[str, tuple[float, ...]] = {
 
 METHODS = tuple(_ROWS)
 
+# Our configs that are rows of the table: (learner.name, learner.two_stage) -> the row's label.
+# The competitors' rows are the two-stage (LWS) runs of Long-Tailed-CIL.
+PAPER_ROWS = {
+    ("dgr", "none"): DGR,
+    ("icarl", "none"): "iCaRL",
+    ("wa", "none"): "WA",
+    ("eeil", "lws"): "EEIL-2stage",
+    ("lucir", "lws"): "LUCIR-2stage",
+    ("podnet", "lws"): "PODNet-2stage",
+}
+
+
+def paper_row(learner: str, two_stage: str) -> Optional[str]:
+    """The table's row that a config of this learner reproduces, or None."""
+    return PAPER_ROWS.get((learner, two_stage))
+
 
 def paper_table() -> dict[tuple[str, str], dict[str, float]]:
     """{(dataset, protocol): {method: accuracy}} for every cell of the poster's table."""

@@ -22,7 +22,7 @@ from method.config import DATASET_FACTS, RunConfig, protocol_name
 from pipeline import plots
 from pipeline.config import ConfigError
 from pipeline.names import REPORT_FILE, REPORT_PLOT_FILE, REPRODUCTION_TABLE_FILE
-from pipeline.paper import DATASET_LABELS, DATASETS, DGR, PROTOCOLS, paper_protocol, paper_reference
+from pipeline.paper import DATASET_LABELS, DATASETS, DGR, PROTOCOLS, paper_protocol, paper_reference, paper_row, paper_table
 
 META_KEY = b"imbcil.reproduction"
 META_FORMAT = 1
@@ -72,7 +72,8 @@ def config_settings(config_name: str, cfg: RunConfig, path: Optional[str] = None
         "config_name": config_name,
         "path": path,
         "learner": cfg.learner.name,
-        "two_stage": bool(cfg.learner.two_stage),
+        "two_stage": cfg.learner.two_stage,
+        "paper_row": paper_row(cfg.learner.name, cfg.learner.two_stage),
         "epochs": cfg.train.epochs,
         "milestones": list(cfg.train.milestones or []),
         "lr": cfg.train.lr,
@@ -307,7 +308,10 @@ def _memory(c: Mapping[str, Any]) -> str:
 
 
 def _learner(c: Mapping[str, Any]) -> str:
-    return f"{c['learner']} (2-stage)" if c.get("two_stage") else c["learner"]
+    two_stage = c.get("two_stage") or "none"
+    if two_stage is True:  # results written before two_stage named its kind: the refit
+        two_stage = "refit"
+    return c["learner"] if two_stage == "none" else f"{c['learner']} ({two_stage} 2-stage)"
 
 
 def _reductions(c: Mapping[str, Any], paper_epochs: int) -> list[str]:
@@ -476,11 +480,21 @@ def _paper_section(meta, summaries, configs, setting) -> list[str]:
         f"with **{reference.best_other:.2f}%**. Differences are our mean minus the paper's number.",
         "",
     ]
+    cell = paper_table()[(meta["dataset"], meta["paper_protocol"])]
+
+    def own_row(s) -> str:
+        """The paper's number for the row this config reproduces (LUCIR-2stage, ...), and our difference."""
+        row = configs.get(s.config_name, {}).get("paper_row")
+        if row is None:
+            return "-"
+        return f"{row} {cell[row]:.2f} ({s.mean['avg_incremental_acc'] - cell[row]:+.2f})"
+
     lines += _table(
-        ("config", "learner", "avg incremental acc (%)", f"vs paper DGR {reference.dgr:.2f}", f"vs {other} {reference.best_other:.2f}"),
+        ("config", "learner", "avg incremental acc (%)", "its row in the paper", f"vs paper DGR {reference.dgr:.2f}", f"vs {other} {reference.best_other:.2f}"),
         [
             (
-                s.config_name, s.learner, _pm(s.mean["avg_incremental_acc"], s.std["avg_incremental_acc"]),
+                s.config_name, _learner(configs.get(s.config_name, {"learner": s.learner})),
+                _pm(s.mean["avg_incremental_acc"], s.std["avg_incremental_acc"]), own_row(s),
                 f"{s.mean['avg_incremental_acc'] - reference.dgr:+.2f}",
                 f"{s.mean['avg_incremental_acc'] - reference.best_other:+.2f}",
             )

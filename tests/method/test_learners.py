@@ -10,7 +10,7 @@ from method.learners import LEARNERS, TaskContext, make_learner
 
 
 def test_the_registry_is_the_list_the_config_accepts():
-    assert set(LEARNERS) == {"dgr", "finetune", "replay", "lwf", "icarl", "wa"}
+    assert set(LEARNERS) == {"dgr", "finetune", "replay", "lwf", "icarl", "wa", "lucir", "podnet", "eeil"}
     for name, cls in LEARNERS.items():
         assert cls.name == name and type(make_learner(LearnerConfig(name=name))) is cls
 

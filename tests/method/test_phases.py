@@ -107,7 +107,7 @@ ALTERNATIVES = {
     "memory.selection": "random",
     "learner.name": "icarl",
     "learner.kd_temperature": 3.0,
-    "learner.two_stage": True,
+    "learner.two_stage": "refit",
     "learner.two_stage_epochs": 2,
     "learner.two_stage_lr": 0.05,
     "learner.dgr.logit_adjustment": False,
@@ -119,6 +119,17 @@ ALTERNATIVES = {
     "learner.dgr.temperature": 3.0,
     "learner.dgr.beta_schedule": "linear",
     "learner.dgr.dakd_prior": "sum",
+    "learner.lucir.lambda_base": 7.0,
+    "learner.lucir.lambda_mr": 0.5,
+    "learner.lucir.margin": 0.3,
+    "learner.lucir.hard_negatives": 1,
+    "learner.podnet.flat_factor": 2.0,
+    "learner.podnet.spatial_factor": 1.0,
+    "learner.podnet.nca_margin": 0.3,
+    "learner.eeil.lamb": 0.5,
+    "learner.eeil.temperature": 3.0,
+    "learner.eeil.finetune_lr_factor": 0.1,
+    "learner.eeil.finetune_epochs": 2,
 }
 
 

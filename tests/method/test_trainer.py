@@ -93,6 +93,35 @@ def test_resume_from_a_saved_phase_gives_the_same_results(data_root, benchmark_f
         assert torch.equal(value, resumed[-1].state["model"][key]), key
 
 
+@pytest.mark.parametrize("learner, two_stage", [("lucir", "lws"), ("podnet", "lws"), ("eeil", "none")])
+def test_the_competitors_and_lws_resume_bit_identically(data_root, benchmark_factory, learner, two_stage):
+    cfg = small_config(data_root, learner, epochs=2, learner__two_stage=two_stage, learner__two_stage_epochs=2)
+    cfg.learner.eeil.finetune_epochs = 2
+    straight = run_all(cfg, benchmark_factory(cfg))
+    assert all(np.isfinite(r.metrics["loss"]) and np.isfinite(r.metrics["acc"]) for r in straight)
+    resumed = run_all(cfg, benchmark_factory(cfg), resume_state=copy.deepcopy(straight[1].state))
+    for a, b in zip(straight[2:], resumed):
+        np.testing.assert_array_equal(a.acc_matrix, b.acc_matrix)
+        assert a.metrics["loss"] == b.metrics["loss"]
+    for key, value in straight[-1].state["model"].items():
+        assert torch.equal(value, resumed[-1].state["model"][key]), key
+    if two_stage == "lws":  # the scaling is part of the model and moved away from its start at 1
+        assert not torch.equal(straight[-1].state["model"]["class_scale"], torch.ones(10))
+
+
+@pytest.mark.e2e
+def test_lws_on_linear_heads_once_the_backbone_has_learnt(data_root, benchmark_factory):
+    # LWS trains at the task's lr on eval-mode features, as the reference does. In the one-batch
+    # runs above those features are 20x their training-mode size (BatchNorm statistics of a few
+    # batches) and a linear head with its scale diverges; the ordered first task is learnt in a
+    # few epochs (see last_accuracy), and there it stays finite like the cosine heads.
+    cfg = small_config(data_root, "eeil", epochs=8, train_fraction=0.15, data__scenario="ordered", learner__two_stage="lws", learner__two_stage_epochs=2)
+    cfg.learner.eeil.finetune_epochs = 2
+    results = run_all(cfg, benchmark_factory(cfg))
+    assert all(np.isfinite(r.metrics["loss"]) and np.isfinite(r.metrics["acc"]) for r in results)
+    assert results[-1].metrics["acc"] > 100 / 10  # better than chance over the ten classes
+
+
 def test_resume_refuses_a_checkpoint_of_another_split(data_root, benchmark_factory, cifar10_raw):
     cfg = small_config(data_root)
     first = next(IncrementalTrainer(cfg, benchmark=benchmark_factory(cfg)).phases())
@@ -104,9 +133,10 @@ def test_resume_refuses_a_checkpoint_of_another_split(data_root, benchmark_facto
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("learner", ["finetune", "replay", "lwf", "icarl", "wa", "dgr"])
+@pytest.mark.parametrize("learner", ["finetune", "replay", "lwf", "icarl", "wa", "dgr", "lucir", "podnet", "eeil"])
 def test_every_learner_runs(data_root, benchmark_factory, learner):
     cfg = small_config(data_root, learner)
+    cfg.learner.eeil.finetune_epochs = 2
     results = run_all(cfg, benchmark_factory(cfg))
     assert [r.phase for r in results] == [0, 1, 2, 3, 4]
     assert all(np.isfinite(r.metrics["loss"]) and 0.0 <= r.metrics["acc"] <= 100.0 for r in results)
@@ -138,7 +168,7 @@ def test_memory_beats_finetuning_on_last_accuracy(last_accuracy):
 def test_two_stage_runs_with_any_learner(data_root, benchmark_factory):
     # This tiny run's eval-mode features reach 1e4-1e8 (BatchNorm statistics from one batch a
     # phase); a refit that is not scale-free blew the heads, then the next phase's loss, to NaN.
-    cfg = small_config(data_root, "replay", learner__two_stage=True, learner__two_stage_epochs=2)
+    cfg = small_config(data_root, "replay", learner__two_stage="refit", learner__two_stage_epochs=2)
     results = run_all(cfg, benchmark_factory(cfg))
     assert len(results) == 5
     assert all(np.isfinite(r.metrics["loss"]) and np.isfinite(r.metrics["acc"]) for r in results)

@@ -157,6 +157,10 @@ BAD_OVERRIDES = [
     (["data.source=filelist"], "data.source"),
     (["learner.name=replay", "memory.budget=none"], "memory.budget"),
     (["learner.dgr.temperature=0"], "learner.dgr.temperature"),
+    (["learner.two_stage=twice"], "learner.two_stage"),
+    (["learner.name=lucir", "learner.two_stage=refit"], "learner.two_stage"),  # refit fits linear heads
+    (["learner.name=podnet", "train.cuda_graph=true", "device=cuda"], "train.cuda_graph"),  # an autograd step
+    (["learner.lucir.hard_negatives=0"], "learner.lucir.hard_negatives"),
     (["trainlr"], "trainlr"),
     (["=5"], "=5"),
 ]
@@ -189,6 +193,20 @@ def test_bad_yaml_value_is_one_line_naming_the_key(tmp_path: Path, yaml_text, ke
         load_config(path)
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{key}:"), message
+
+
+def test_a_config_of_the_two_stage_switch_still_loads():
+    # Exported configs of before name learner.two_stage as true/false: the refit, or none.
+    assert config_from_dict({"learner": {"two_stage": True}}).learner.two_stage == "refit"
+    assert config_from_dict({"learner": {"two_stage": False}}).learner.two_stage == "none"
+    assert load_config(overrides=["learner.two_stage=true"]).learner.two_stage == "refit"
+
+
+def test_lucir_weight_follows_the_datasets_schedule():
+    # The reference's lambda base: 5 for the 160-epoch CIFAR runs, 10 for the 90-epoch ImageNet ones.
+    assert config_from_dict({}).learner.lucir.lambda_base == 5.0
+    assert config_from_dict({"data": {"dataset": "imagenet_subset"}}).learner.lucir.lambda_base == 10.0
+    assert config_from_dict({"learner": {"lucir": {"lambda_base": 2.0}}}).learner.lucir.lambda_base == 2.0
 
 
 def test_unknown_keys_say_so():

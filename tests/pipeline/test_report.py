@@ -11,9 +11,9 @@ from method.config import RunConfig, resolve_dataset_defaults
 from pipeline import report
 
 
-def c100_config(name, learner, epochs=None):
+def c100_config(name, learner, epochs=None, two_stage="none"):
     cfg = RunConfig()  # the paper's defaults: CIFAR-100-LT shuffled LFS-10
-    cfg.name, cfg.learner.name = name, learner
+    cfg.name, cfg.learner.name, cfg.learner.two_stage = name, learner, two_stage
     cfg.train.epochs = epochs
     return resolve_dataset_defaults(cfg)
 
@@ -31,10 +31,15 @@ def hand_results(finals: dict[str, dict[int, float]]) -> list[report.SeedResult]
 
 
 def test_cifar100_report_compares_with_the_paper(tmp_path):
-    configs = [("dgr", c100_config("dgr", "dgr"), None), ("replay", c100_config("replay", "replay"), None)]
+    configs = [
+        ("dgr", c100_config("dgr", "dgr"), None),
+        ("replay", c100_config("replay", "replay"), None),
+        ("lucir", c100_config("lucir", "lucir", two_stage="lws"), None),
+    ]
     meta = report.build_metadata("c100", configs, [0, 1], experiment="reproduce/c100", parent_run_id="p1", wall_seconds=125.0)
     assert (meta["dataset"], meta["scenario"], meta["protocol"], meta["paper_protocol"]) == ("cifar100", "shuffled", "LFS-10", "LFS-10")
-    table = report.build_table(hand_results({"dgr": {0: 36.0, 1: 34.0}, "replay": {0: 30.0, 1: 31.0}}), meta)
+    finals = {"dgr": {0: 36.0, 1: 34.0}, "replay": {0: 30.0, 1: 31.0}, "lucir": {0: 32.0, 1: 32.0}}
+    table = report.build_table(hand_results(finals), meta)
     report.write_table(table, tmp_path)
     text = report.write_report(tmp_path).read_text()
 
@@ -43,8 +48,10 @@ def test_cifar100_report_compares_with_the_paper(tmp_path):
     assert "| replay | replay | 2 | 30.50 ± 0.71 |" in text
     assert "CIFAR100-LT shuffled LFS-10: DGR (Ours) **35.66%**" in text
     assert "EEIL-2stage with **33.64%**" in text
-    assert "| dgr | dgr | 35.00 ± 1.41 | -0.66 | +1.36 |" in text
-    assert "| replay | replay | 30.50 ± 0.71 | -5.16 | -3.14 |" in text
+    # Each config beside its own row of the paper, where it has one: LUCIR-2stage 31.09, 32 - 31.09.
+    assert "| dgr | dgr | 35.00 ± 1.41 | DGR (Ours) 35.66 (-0.66) | -0.66 | +1.36 |" in text
+    assert "| replay | replay | 30.50 ± 0.71 | - | -5.16 | -3.14 |" in text
+    assert "| lucir | lucir (lws 2-stage) | 32.00 ± 0.00 | LUCIR-2stage 31.09 (+0.91) | -3.66 | -1.64 |" in text
     assert "Same protocol and budget as the paper" in text
     assert "no paper number exists" not in text
     assert "| wall time | 2 min 5 s |" in text
