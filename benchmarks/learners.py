@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/learners.py --data-root ../shared/data --epochs 20 --milestones 10 15
     PYTHONPATH=. python benchmarks/learners.py --data-root ../shared/data --phase-store /tmp/phases
+    PYTHONPATH=. python benchmarks/learners.py --data-root ../shared/data --rows lucir "lucir-2stage (lws)"
 
 One run per row, seed 0, the same benchmark object for all. Prints a Markdown table with the
 average incremental accuracy, the last accuracy and the wall time of each row, and the total.
@@ -30,6 +31,13 @@ ROWS = {
     "icarl": ("icarl", {}),
     "wa": ("wa", {}),
     "replay two-stage": ("replay", {"two_stage": "refit"}),
+    "lucir": ("lucir", {}),
+    "lucir-2stage (lws)": ("lucir", {"two_stage": "lws"}),
+    "podnet": ("podnet", {}),
+    "podnet-2stage (lws)": ("podnet", {"two_stage": "lws"}),
+    "eeil": ("eeil", {}),
+    # The reference's eeil_2stage.py runs one epoch of its second stage (its loop is range(1)).
+    "eeil-2stage (lws)": ("eeil", {"two_stage": "lws", "two_stage_epochs": 1}),
     "dgr": ("dgr", {}),
     "dgr w/o intra-phase reweighting": ("dgr", {"intra_phase_reweighting": False}),
     "dgr w/o inter-phase reweighting": ("dgr", {"inter_phase_reweighting": False}),
@@ -45,9 +53,8 @@ def config(args, learner: str, switches: dict) -> RunConfig:
     cfg.train.epochs, cfg.train.milestones = args.epochs, args.milestones
     cfg.learner.name = learner
     cfg.memory.budget = "none" if learner == "finetune" else "per_class"
-    for key, value in switches.items():
-        target = cfg.learner if key == "two_stage" else cfg.learner.dgr
-        setattr(target, key, value)
+    for key, value in switches.items():  # a learner field (two_stage...), else one of DGR's switches
+        setattr(cfg.learner if hasattr(cfg.learner, key) else cfg.learner.dgr, key, value)
     return resolve_dataset_defaults(cfg)
 
 
