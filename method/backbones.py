@@ -210,9 +210,13 @@ class IncrementalNet(nn.Module):
         return self.head_kind.logits(features, self.head_weight, self.head_bias, self.scale)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
-        """Test-time class scores: the logits, times the LWS scaling where there is one."""
-        logits = self.logits(features)
-        return logits * self.class_scale if hasattr(self, "class_scale") else logits
+        """Test-time class scores: the logits (PODNet: the similarities), times the LWS scaling where there is one."""
+        kind = self.head_kind
+        if kind.scaled_at_test:
+            scores = self.logits(features)
+        else:
+            scores = kind.similarities(features, self.head_weight, self.head_bias)
+        return scores * self.class_scale if hasattr(self, "class_scale") else scores
 
     def class_weight_norms(self) -> torch.Tensor:
         return self.head_kind.class_norms(self.head_weight.detach())

@@ -35,6 +35,7 @@ class LinearHead:
     proxies = 1  # weight rows per class
     scaled = False  # has a learned scale (sigma)
     has_bias = True
+    scaled_at_test = True  # test-time scores are the logits (else the unscaled similarities)
 
     @staticmethod
     def new_rows(feature_dim: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +83,14 @@ class CosineHead(LinearHead):
 
 @register_head("lsc")
 class LocalSimilarityHead(CosineHead):
-    """PODNet's local similarity classifier: ten cosine proxies per class (Douillard et al. 2020)."""
+    """PODNet's local similarity classifier: ten cosine proxies per class (Douillard et al. 2020).
+
+    The reference applies sigma in training mode only, so it scores test images by the
+    similarities themselves (the same argmax while sigma is positive).
+    """
 
     proxies = 10
+    scaled_at_test = False
 
 
 def reduce_proxies(similarities: torch.Tensor, proxies: int) -> torch.Tensor:

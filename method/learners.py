@@ -280,9 +280,8 @@ class PODNet(Learner):
 
     As the Long-Tailed-CIL reference (src/approach/podnet.py, networks/resnet32_podnet.py): no
     block of the network ends in a ReLU, ten proxies per class, old heads frozen, one shared
-    sigma. The reference scales both distillation terms by sqrt(n_classes / task_size) but never
-    sets either count (a division by zero after the first task); the counts here are the ones
-    PODNet's own code uses: classes seen so far over the new task's classes.
+    sigma. Both distillation terms are scaled by sqrt(n_classes / task_size), the counts that
+    the reference's main_incremental.py sets before each task: classes seen so far, new classes.
     """
 
     distills = True

@@ -66,8 +66,12 @@ def test_lsc_rows_grow_by_ten_per_class_and_reload():
     again.load_state_dict(net.state_dict())
     x = torch.randn(4, 2)
     assert torch.equal(again.scores(x), net.scores(x))
-    # The scaling is for test-time scores only: forward (a teacher's logits) leaves it out.
-    assert torch.allclose(net.scores(x), net(x) * net.class_scale)
+    # The scaling is for test-time scores only: forward (a teacher's logits) leaves it out. PODNet's
+    # reference scores test images without sigma: sigma -2 would flip the argmax, and does not here.
+    with torch.no_grad():
+        net.head_scale.fill_(-2.0)
+    assert torch.allclose(net.scores(x), net.outputs(x).similarities * net.class_scale)
+    assert torch.allclose(net(x), -2.0 * net.outputs(x).similarities)
 
 
 def test_linear_heads_are_drawn_as_nn_linear():
