@@ -259,4 +259,4 @@ def test_a_learner_registered_in_a_test_runs_end_to_end(tmp_path, data_root, toy
     assert len(losses) == PHASES and all(math.isfinite(v) for v in losses)
     # The registry is the only list of names: one not registered is refused like any typo.
     code, output = invoke("run", REPO / "configs/quickstart.yaml", *TINY, "learner.name=toy_unregistered", "--data-root", data_root)
-    assert code == 2 and "learner.name: must be one of replay, finetune, lwf, icarl, wa, dgr, toy_half_ce (got" in output
+    assert code == 2 and "learner.name: must be one of replay, finetune, lwf, icarl, wa, dgr, lucir, podnet, eeil, toy_half_ce (got" in output

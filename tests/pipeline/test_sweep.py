@@ -118,7 +118,17 @@ def test_base_may_be_a_path_relative_to_the_sweep_file(tmp_path, sweep_kit):
 def test_shipped_sweeps_validate(path):
     s = load_sweep(path)
     assert s.name == path.stem
-    assert {"train.lr", "memory.budget", "learner.dgr.lambda_b", "learner.dgr.beta_schedule"} <= set(s.space) or path.stem == "quickstart"
+    if path.stem == "quickstart":
+        return
+    # Every file searches the lr and the memory, and the knobs of its own learner alone.
+    learner = s.base.learner.name
+    assert {"train.lr", "memory.budget"} <= set(s.space)
+    own = {k for k in s.space if k.startswith("learner.")}
+    assert own and all(k.startswith(f"learner.{learner}.") for k in own), (learner, own)
+    if learner == "dgr":
+        assert {"learner.dgr.lambda_b", "learner.dgr.beta_schedule"} <= own
+    else:  # the paper's competitors' rows are their two-stage runs
+        assert s.base.learner.two_stage == "lws" and path.stem.endswith(f"_{learner}")
 
 
 def test_paper_settings_ship_one_sweep_each():
@@ -126,6 +136,14 @@ def test_paper_settings_ship_one_sweep_each():
     for dataset in ("cifar100_lt", "imagenet_subset_lt", "food101_lt"):
         assert {f"{dataset}_{p}" for p in ("lfs10", "lfs20", "lfh5", "lfh10")} <= names
     assert {"cifar10_lt_lfs5", "cifar10_lt_lfh5", "quickstart"} <= names
+    # The competitors beside DGR, with DGR's search budget.
+    for setting in ("cifar10_lt_lfs5", "cifar100_lt_lfs10"):
+        dgr = load_sweep(REPO / "sweeps" / f"{setting}.yaml")
+        for learner in ("lucir", "podnet", "eeil"):
+            other = load_sweep(REPO / "sweeps" / f"{setting}_{learner}.yaml")
+            assert other.base.learner.name == learner
+            assert (other.tune.num_samples, other.tune.max_concurrent, other.base.train.epochs) == (
+                dgr.tune.num_samples, dgr.tune.max_concurrent, dgr.base.train.epochs)
     food = load_sweep(REPO / "sweeps" / "food101_lt_lfs10.yaml").base.protocol
     assert (food.first_task_classes, food.incremental_tasks) == (11, 9)
 
