@@ -33,6 +33,7 @@ METHODS = ("lucir", "podnet", "eeil")
 def config(args, learner: str) -> RunConfig:
     cfg = RunConfig(name=f"{learner}-reference-comparison", seed=args.seed, device="cpu")
     cfg.data.dataset, cfg.data.root, cfg.data.train_fraction = "cifar10", args.data_root, args.train_fraction
+    cfg.data.scenario = args.scenario
     cfg.protocol.first_task_classes, cfg.protocol.incremental_tasks = 2, 4
     cfg.train.epochs, cfg.train.milestones = args.epochs, args.milestones
     cfg.learner.name, cfg.learner.two_stage = learner, "lws"
@@ -132,10 +133,14 @@ def main() -> None:
     parser.add_argument("--train-fraction", type=float, default=1.0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--sides", nargs="+", default=["reference", "imbcil"], choices=["reference", "imbcil"])
+    parser.add_argument("--scenario", default="shuffled", choices=["shuffled", "ordered"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     first = config(args, "lucir")
     benchmark = build_benchmark(first.data, first.protocol, first.seed)
-    print(f"CIFAR-10-LT shuffled LFS-5, seed {args.seed}, {args.epochs} epochs, milestones {args.milestones}, "
+    print(f"CIFAR-10-LT {args.scenario} LFS-5, seed {args.seed}, {args.epochs} epochs, milestones {args.milestones}, "
           f"train fraction {args.train_fraction}, memory 20 per class (herding)\n")
     print("| row | side | acc per phase % | avg incremental acc % | wall s |\n|---|---|---|---|---|", flush=True)
     for method in args.methods:

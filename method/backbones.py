@@ -38,6 +38,19 @@ class BasicBlock(nn.Module):
         return F.relu(out, inplace=True) if self.final_relu else out  # post-activation
 
 
+class ZeroPadShortcut(nn.Module):
+    """The option-A shortcut of PODNet's ResNet-32: subsample by the stride, then zero channels
+    for the rest (channels double where the stride is 2), with no parameters."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return torch.cat([x, torch.zeros_like(x)], dim=1)
+
+
 class ResNet32(nn.Module):
     """CIFAR ResNet-32: 3x3 stem, 3 stages of 5 blocks (16/32/64), global pooling -> 64-d."""
 
@@ -83,6 +96,12 @@ class ResNet32(nn.Module):
         blocks = [b for stage in (self.stage1, self.stage2, self.stage3) for b in stage]
         for block in blocks if every_block else blocks[-1:]:
             block.final_relu = False
+
+    def use_zero_pad_shortcuts(self) -> None:
+        """PODNet's ResNet-32 (the reference's resnet32_podnet): identity shortcuts padded with zeros
+        where the stages change size, instead of the 1x1 projections."""
+        for stage in (self.stage2, self.stage3):
+            stage[0].shortcut = ZeroPadShortcut(stride=2)
 
 
 class ResNet18Features(nn.Module):

@@ -279,7 +279,8 @@ class PODNet(Learner):
     """PODNet: POD-spatial on the stages' maps, POD-flat on the features, NCA on an LSC head.
 
     As the Long-Tailed-CIL reference (src/approach/podnet.py, networks/resnet32_podnet.py): no
-    block of the network ends in a ReLU, ten proxies per class, old heads frozen, one shared
+    block of the network ends in a ReLU, ResNet-32's shortcuts are zero-padded identities, ten
+    proxies per class, old heads frozen, one shared
     sigma. Both distillation terms are scaled by sqrt(n_classes / task_size), the counts that
     the reference's main_incremental.py sets before each task: classes seen so far, new classes.
     """
@@ -293,6 +294,8 @@ class PODNet(Learner):
 
     def shape_backbone(self, backbone) -> None:
         backbone.remove_final_relu(every_block=True)
+        if hasattr(backbone, "use_zero_pad_shortcuts"):  # ResNet-32; ImageNet's ResNet-18 keeps its own
+            backbone.use_zero_pad_shortcuts()
 
     def begin_task(self, ctx: TaskContext) -> None:
         super().begin_task(ctx)

@@ -37,7 +37,8 @@ class PhasePlan:
     steps: int
     train_images: int  # images the phase's training sees: epochs x (new + memory)
     scored_images: int  # test and held-out images of the seen tasks, after the phase
-    feature_images: int  # herding candidates and iCaRL's exemplars, after the phase
+    # herding candidates, iCaRL's exemplars and the second stage's frozen-backbone passes
+    feature_images: int
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ def plan_phases(cfg: RunConfig, benchmark: Benchmark) -> list[PhasePlan]:
             features += new_images if herding else 0
             if learner.nearest_mean:  # iCaRL's means: the new classes' rows come from the herding pass
                 features += sum(n for c, n in kept.items() if c not in classes or not herding)
+        if cfg.learner.two_stage != "none":  # refit: one pass for its fixed features; lws: every epoch
+            features += seen * (cfg.learner.two_stage_epochs if cfg.learner.two_stage == "lws" else 1)
         steps = schedule.epochs * math.ceil(seen / cfg.train.batch_size)
         train_images = schedule.epochs * seen
         finetuning = learner.finetuning_schedule(schedule) if task > 0 else None

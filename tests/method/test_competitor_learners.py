@@ -172,3 +172,14 @@ def test_eeil_later_tasks_distil_all_but_the_last_old_head():
     assert learner.loss_terms(logits, old, torch.tensor([5]))["kd"].item() == pytest.approx(math.log(2))
     learner.finetuning = True
     assert learner.loss_terms(logits, old, torch.tensor([5]))["kd"].item() == pytest.approx(2 * math.log(2))
+
+
+def test_podnet_shapes_resnet32_as_the_references_resnet32_podnet():
+    # No ReLU after any block, zero-padded identity shortcuts: 463,504 backbone parameters, the count
+    # the reference prints for resnet32_podnet less its first linear head (64 x 2 + 2).
+    backbone = ResNet32()
+    make_learner(LearnerConfig(name="podnet")).shape_backbone(backbone)
+    assert sum(p.numel() for p in backbone.parameters()) == 463_504
+    x = torch.randn(2, 3, 32, 32)
+    shortcut = backbone.stage2[0].shortcut(backbone.stage1(F.relu(backbone.bn1(backbone.conv1(x)))))
+    assert shortcut.shape == (2, 32, 16, 16) and torch.equal(shortcut[:, 16:], torch.zeros(2, 16, 16, 16))

@@ -14,6 +14,8 @@ from test_run_cli import REPO, TINY, invoke, only_run, sqlite_uri
 MEMORY = {
     "per class": ["memory.budget=per_class", "memory.per_class=20"],
     "fixed total": ["memory.budget=total", "memory.total=50"],  # 6 classes keep 8, then 6, then 5
+    # EEIL's balanced fine-tuning trains the memory and as many new images after the task.
+    "eeil fine-tuning": ["memory.budget=per_class", "memory.per_class=5", "learner.name=eeil", "learner.eeil.finetune_epochs=2"],
 }
 
 
