@@ -360,8 +360,9 @@ class IncrementalTrainer:
             else:
                 train_start = time.perf_counter()
                 loss, images_seen = self._train(task, train_indices, ctx)
-                if task > 0 and self.learner.finetuning_schedule(cfg.train.for_task(task)) is not None:
-                    loss, finetuned = self._balanced_finetuning(task, memory_indices, new_indices, ctx)
+                finetuning = self.learner.finetuning_schedule(cfg.train.for_task(task)) if task > 0 else None
+                if finetuning is not None:
+                    loss, finetuned = self._balanced_finetuning(task, finetuning, memory_indices, new_indices, ctx)
                     images_seen += finetuned
                 self._synchronise()
                 train_seconds = time.perf_counter() - train_start
@@ -494,10 +495,11 @@ class IncrementalTrainer:
             teacher = graph_inference(self.old_model, sample, self._autocast)
         return self._graphed_backbone, teacher
 
-    def _balanced_finetuning(self, task: int, memory_indices: torch.Tensor, new_indices: torch.Tensor, ctx: TaskContext) -> tuple[float, int]:
+    def _balanced_finetuning(
+        self, task: int, schedule: TaskSchedule, memory_indices: torch.Tensor, new_indices: torch.Tensor, ctx: TaskContext
+    ) -> tuple[float, int]:
         """EEIL's balanced fine-tuning: the memory and as many new images, drawn at random over the
         new task (the reference's subset, not per class), with the learner's own schedule."""
-        schedule = self.learner.finetuning_schedule(self.cfg.train.for_task(task))
         drawn = new_indices[torch.randperm(len(new_indices), generator=self.generator)[: len(memory_indices)]]
         self.learner.finetuning = True
         try:

@@ -1,8 +1,15 @@
-"""The two-stage classifier refit (`refit_heads`): exact warm start, scale-free, class-balanced."""
+"""The second stages: the classifier refit (`refit_heads`: exact warm start, scale-free,
+class-balanced) and Long-Tailed-CIL's LWS (method/two_stage.py)."""
 
+import math
+
+import pytest
 import torch
+import torch.nn.functional as F
 
+from method.backbones import IncrementalNet
 from method.trainer import refit_heads
+from method.two_stage import ClassAwareSampler, learn_weight_scaling, learning_rates_after
 
 
 def blobs(counts, spread=1.0, seed=0):
@@ -51,14 +58,6 @@ def test_balanced_draws_undo_a_head_biased_to_the_majority_class():
 
 
 # ------------------------------------------------------------------ LWS (method/two_stage.py)
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from method.backbones import IncrementalNet  # noqa: E402
-from method.two_stage import ClassAwareSampler, learn_weight_scaling, learning_rates_after  # noqa: E402
 
 
 def test_class_aware_draws_come_four_of_a_class_and_balance_the_classes():
