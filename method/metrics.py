@@ -58,15 +58,43 @@ def average_incremental_accuracy(acc_matrix: np.ndarray, t: int) -> float:
     return float(np.mean([average_accuracy(acc_matrix, s) for s in range(t + 1)]))
 
 
+# What the validation metrics mean, recorded on every run and sweep so that a resume never mixes
+# two meanings under one metric name. 1: a task's held-out accuracy pooled its images (the long
+# tail's head outvoted its tail); 2: the mean of its classes' held-out accuracies (below).
+VALIDATION_METRIC_VERSION = 2
+
+
+def class_balanced_task_accuracy(class_acc, class_labels, task_classes: Sequence[Sequence[int]], t: int) -> np.ndarray:
+    """Per seen task, the mean of its classes' accuracies: (t+1,) percent; NaN for a task without images.
+
+    The held-out images follow the long tail while the test set is balanced, so only this mean
+    estimates what a task's test accuracy measures; a class without images (NaN) is left out.
+    """
+    acc_by_class = dict(zip(np.asarray(class_labels, dtype=np.int64).tolist(), np.asarray(class_acc, dtype=np.float64)))
+    out = np.full(t + 1, np.nan)
+    for u in range(t + 1):
+        present = [acc_by_class[c] for c in task_classes[u] if not np.isnan(acc_by_class.get(c, np.nan))]
+        if present:
+            out[u] = float(np.mean(present))
+    return out
+
+
 def validation_accuracy(val_matrix: np.ndarray, t: int) -> float:
     """avg_acc[t] on the held-out images: the mean over the seen tasks that have any (method.md §4).
+
+    Each entry of the validation matrix is already class-balanced (`class_balanced_task_accuracy`).
 
     A task whose classes all kept every image (n <= 5, method.md §1) has no held-out image and a
     NaN entry; it is left out rather than counted as 0 %. NaN when no seen task has one.
     """
-    row = np.asarray(val_matrix, dtype=np.float64)[t, : t + 1]
-    present = ~np.isnan(row)
-    return float(row[present].mean()) if present.any() else math.nan
+    return mean_of_present(np.asarray(val_matrix, dtype=np.float64)[t, : t + 1])
+
+
+def mean_of_present(values) -> float:
+    """The mean of the non-NaN entries; NaN when there are none (no held-out image to judge by)."""
+    values = np.asarray(values, dtype=np.float64)
+    present = ~np.isnan(values)
+    return float(values[present].mean()) if present.any() else math.nan
 
 
 def validation_class_weighted_accuracy(val_matrix: np.ndarray, t: int, classes_per_task: Sequence) -> float:

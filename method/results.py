@@ -20,6 +20,8 @@ METRIC_NAMES = (
     "acc_few",  # < 20
     # The same on the held-out 10 % of each task's training images (method.md §1), over the seen
     # tasks that have held-out images: what sweeps select on, so the test set is only reported.
+    # A task's held-out accuracy is the mean of its classes' (the test set is balanced, the
+    # held-out images follow the long tail).
     "val_acc",
     "val_acc_class_weighted",
     "val_avg_incremental_acc",
@@ -71,6 +73,7 @@ class PhaseResult:
     # One entry per seen class, all lists of equal length: "position" (in the class order,
     # what the heads and task_classes use), "original_label" (the dataset's), "name",
     # "train_count" (orig(c)), "memory_count", "test_count", "accuracy" (percent),
+    # "val_count" and "val_accuracy" (held-out images and accuracy on them; NaN where none),
     # "head_weight_norm", "shot" ("many"/"medium"/"few").
     per_class: dict[str, list]
     # Everything needed to continue with phase + 1 (model, memory, RNG states, matrices);

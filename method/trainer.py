@@ -32,9 +32,11 @@ from method.two_stage import learn_weight_scaling
 from method.metrics import (
     accuracy_rows,
     average_accuracy,
+    class_balanced_task_accuracy,
     average_incremental_accuracy,
     class_weighted_accuracy,
     forgetting,
+    mean_of_present,
     new_matrix,
     shot_accuracies,
     shot_groups,
@@ -481,7 +483,7 @@ class IncrementalTrainer:
                 raise NonFiniteLossError(f"training loss became {epoch_loss} in phase {task}, epoch {epoch}")
             val_acc = None
             if train.validate_every_epoch and len(self.benchmark.val):
-                val_acc = self._validation_accuracy(ctx.num_seen)
+                val_acc = self._validation_accuracy(task, ctx.num_seen)
             self.progress(EpochDone(task, epoch + 1, epochs, epoch_loss, optimizer.param_groups[0]["lr"], val_acc))
         return epoch_loss, epochs * len(indices)
 
@@ -600,14 +602,19 @@ class IncrementalTrainer:
         return net.scores(features)[:, :num_seen]
 
     @torch.no_grad()
-    def _validation_accuracy(self, num_seen: int) -> float:
+    def _validation_accuracy(self, task: int, num_seen: int) -> float:
+        """The training model's val_acc, for the per-epoch print: the phase's own class-balanced measure."""
         self.model.eval()
-        indices = torch.as_tensor(np.flatnonzero(self.benchmark.val.labels < num_seen))
-        correct = torch.zeros((), device=self.device)
-        for x, y in self.val_images.eval_batches(indices, self.eval_batch_size):
-            correct += (self._scores(self.model, x, num_seen, None).argmax(1) == y).sum()
+        bench = self.benchmark
+        indices = torch.as_tensor(bench.task_indices(bench.val, range(task + 1)), dtype=torch.long)
+        batches = [
+            self._scores(self.model, x, num_seen, None).argmax(1)
+            for x, _ in self.val_images.eval_batches(indices, self.eval_batch_size)
+        ]
         self.model.train()
-        return 100.0 * float(correct) / max(len(indices), 1)
+        predictions = torch.cat(batches).cpu() if batches else torch.empty(0, dtype=torch.long)
+        rows = accuracy_rows(predictions, predictions, self.val_labels[indices], bench.task_classes, task)
+        return mean_of_present(class_balanced_task_accuracy(rows.class_acc, rows.class_labels, bench.task_classes, task))
 
     @torch.no_grad()
     def _score_split(self, images, split_labels: torch.Tensor, split, task: int, num_seen: int, class_means: Optional[torch.Tensor]):
@@ -643,8 +650,10 @@ class IncrementalTrainer:
         rows, val_rows, val_images = evaluation["test"], evaluation["val"], evaluation["val_images"]
         self.acc_matrix[task, : task + 1] = rows.acc
         self.task_aware_matrix[task, : task + 1] = rows.task_aware
-        # A task without held-out images stays NaN (method.md §4).
-        self.val_matrix[task, : task + 1] = val_rows.acc
+        # Class-balanced, as the test set is; a task without held-out images stays NaN (method.md §4).
+        self.val_matrix[task, : task + 1] = class_balanced_task_accuracy(
+            val_rows.class_acc, val_rows.class_labels, bench.task_classes, task
+        )
 
         train_counts = bench.train_counts[:num_seen]
         memory_counts = self.memory.counts()
@@ -670,6 +679,9 @@ class IncrementalTrainer:
             "memory_count": [int(memory_counts.get(int(c), 0)) for c in order],
             "test_count": np.asarray(rows.class_total).astype(int).tolist(),
             "accuracy": np.asarray(rows.class_acc, dtype=float).tolist(),
+            # Where validation is thin: a class's held-out images and its accuracy on them (NaN: none).
+            "val_count": np.asarray(val_rows.class_total).astype(int).tolist(),
+            "val_accuracy": np.asarray(val_rows.class_acc, dtype=float).tolist(),
             "head_weight_norm": weight_norms[order].astype(float).tolist(),
             "shot": shot_groups(train_counts[order]).tolist(),
         }

@@ -30,6 +30,9 @@ def phase_from_tag(phase: int) -> str:
     return f"imbcil.phase_{phase}_from"
 
 
+# What the run's validation metrics mean (method.metrics.VALIDATION_METRIC_VERSION); absent on
+# runs and sweeps logged before it was recorded, which measured version 1.
+VALIDATION_METRIC_TAG = "imbcil.validation_metric"
 ERROR_TAG = "imbcil.error"
 RUN_KEY_TAG = "imbcil.run_key"  # what makes a retried run creation find the run it made
 PROBE_TAG = "imbcil.preflight_probe"

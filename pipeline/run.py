@@ -22,7 +22,7 @@ from pipeline import STARTED
 from pipeline.config import ConfigError, config_from_dict, config_to_dict, flatten, read_yaml, resolve, resolve_dict
 from pipeline.phase_store import FolderPhaseStore, resolve_store_folder, user_store_folder
 from pipeline.runtime import decoded_data
-from pipeline.tracking import RunTracker, TrackingError, check_tracking, resolve_tracking_uri
+from pipeline.tracking import RunTracker, TrackingError, check_tracking, refuse_mixed_validation_metric, resolve_tracking_uri
 
 def logged_config(tracker: RunTracker) -> RunConfig:
     """The config a run was started with (its config.yaml artifact)."""
@@ -60,6 +60,8 @@ def train_tracked(
     it (and still logged here, with a tag naming that run), and each phase trained here is stored.
     """
     last = tracker.last_logged_phase()
+    if last is not None:
+        refuse_mixed_validation_metric(tracker.validation_metric_version(), f"run {tracker.run_id}")
     state = tracker.load_checkpoint(last) if last is not None else None
     store = FolderPhaseStore(phase_store, owner=tracker.run_id) if phase_store is not None else None
     trainer = IncrementalTrainer(cfg, benchmark=benchmark, progress=progress, phase_store=store)

@@ -39,8 +39,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from method.config import RunConfig, protocol_name
+from method.metrics import VALIDATION_METRIC_VERSION
 from method.results import PhaseResult
-from pipeline.config import dump_yaml, flatten
+from pipeline.config import ConfigError, dump_yaml, flatten
 from pipeline.names import (
     DEFAULT_TRACKING_URI,
     ERROR_TAG,
@@ -51,6 +52,7 @@ from pipeline.names import (
     PARENT_RUN_TAG,
     RUN_KEY_TAG,
     USER_TAG,
+    VALIDATION_METRIC_TAG,
     phase_from_tag,
 )
 from pipeline.runtime import scoped_env, shorten
@@ -445,6 +447,25 @@ def _user() -> str:
         return "unknown"
 
 
+VALIDATION_METRIC_MEANINGS = {1: "image-weighted", 2: "class-balanced"}
+
+
+def refuse_mixed_validation_metric(logged_version: int, what: str) -> None:
+    """A resume across metric versions would log two meanings under one metric name; refuse it.
+
+    Refusing (rather than tagging and going on) keeps every leaderboard one-meaning, and a run or
+    sweep of the older meaning stays readable as it was logged.
+    """
+    if logged_version == VALIDATION_METRIC_VERSION:
+        return
+    logged = VALIDATION_METRIC_MEANINGS.get(logged_version, "unknown")
+    ours = VALIDATION_METRIC_MEANINGS[VALIDATION_METRIC_VERSION]
+    raise ConfigError(
+        f"{what} logged validation metrics of version {logged_version} ({logged}); this imbcil logs "
+        f"version {VALIDATION_METRIC_VERSION} ({ours}), and a resume would mix the two under one name: start it anew"
+    )
+
+
 def _write_matrix(path: Path, matrix: np.ndarray) -> None:
     """Plain numeric CSV, row = after task t, column = task u, NaN written as `nan`."""
     np.savetxt(path, matrix, delimiter=",", fmt="%.4f")
@@ -664,9 +685,14 @@ class RunTracker:
             raise self._failure(action, exc) from exc
 
     def _request_knobs(self, seconds_left: float) -> dict[str, str]:
-        """MLflow's HTTP settings for one attempt: no retries of its own, a bounded wait."""
+        """MLflow's settings for one attempt: no retries of its own, a bounded wait, and no
+        progress bar (its lines would break a verb's one-line error and its table)."""
         wait = min(self.request_timeout_s, seconds_left) if seconds_left > 0 else _LOST_STORE_TIMEOUT_S
-        return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(wait)))}
+        return {
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(wait))),
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        }
 
     def _call(self, action: str, operation: Callable[[], _T], *, idempotent: bool = True) -> _T:
         """Run one store operation, repeating it with exponential backoff while the store is away.
@@ -785,6 +811,7 @@ class RunTracker:
             "scenario": cfg.data.scenario,
             "protocol": protocol_name(cfg),
             "seed": cfg.seed,
+            VALIDATION_METRIC_TAG: VALIDATION_METRIC_VERSION,
             **environment_tags(),
         }
         tags.update({k: v for k, v in (extra_tags or {}).items() if v is not None})
@@ -866,6 +893,11 @@ class RunTracker:
         """The last phase whose metrics and artifacts are all stored (None before phase 0 is)."""
         value = self._call("read the run", lambda: self.client.get_run(self._run_id).data.tags.get(LAST_PHASE_TAG))
         return int(value) if value is not None else None
+
+    def validation_metric_version(self) -> int:
+        """What this run's validation metrics mean; 1 for a run logged before the version was recorded."""
+        value = self._call("read the run", lambda: self.client.get_run(self._run_id).data.tags.get(VALIDATION_METRIC_TAG))
+        return int(value) if value is not None else 1
 
     def phase_logged(self, phase: int) -> bool:
         last = self.last_logged_phase()

@@ -30,6 +30,7 @@ from ray.tune.experiment import Trial
 from method.config import protocol_name
 from method.data import DataError, no_data_root
 from method.events import phase_label
+from method.metrics import VALIDATION_METRIC_VERSION
 from pipeline import STARTED
 from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, config_to_dict, save_config
@@ -58,6 +59,7 @@ from pipeline.names import (
     TABLE_FILE,
     TRIAL_CONFIG_DIR,
     TRIAL_ID_TAG,
+    VALIDATION_METRIC_TAG,
 )
 from pipeline.phase_store import PHASE_STORE_DIR, describe as describe_store, resolve_store_folder
 from pipeline.runtime import RAY_START_S, absolute_store_uri, error_line, scoped_env, start_local_ray
@@ -87,6 +89,7 @@ from pipeline.tracking import (
     RunTracker,
     TrackingError,
     error_tag_value,
+    refuse_mixed_validation_metric,
     resolve_tracking_uri,
     run_url,
 )
@@ -462,6 +465,9 @@ def _run_sweep(
             raise ConfigError(
                 f"{key}: differs from the sweep being resumed ({experiment_dir}); resume with the same sweep file and overrides"
             )
+        parent_info = _read_json(results_dir / PARENT_FILE)
+        if parent_info:  # a sweep cut off before its parent run logged nothing to mix with
+            refuse_mixed_validation_metric(parent_info.get("validation_metric", 1), f"sweep {spec.name!r} ({experiment_dir})")
     elif restorable:
         raise SweepError(
             f"{experiment_dir} already holds sweep {spec.name!r}: pass --resume to continue it, "
@@ -488,7 +494,8 @@ def _run_sweep(
         parent = _open_parent_run(uri, experiment_name, spec, experiment_dir, parent_info)
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-        (results_dir / PARENT_FILE).write_text(json.dumps({"run_id": parent.run_id, "experiment": experiment_name}))
+        parent_record = {"run_id": parent.run_id, "experiment": experiment_name, "validation_metric": VALIDATION_METRIC_VERSION}
+        (results_dir / PARENT_FILE).write_text(json.dumps(parent_record))
         searched = ", ".join(spec.space)
         say(f"sweep {spec.name}: {spec.tune.num_samples} trials searching {searched}; Ray results in {experiment_dir}")
         say(f"MLflow parent run: {parent.url}")
@@ -701,7 +708,7 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 def _open_parent_run(uri: str, experiment: str, spec: SweepSpec, experiment_dir: Path, saved: Optional[dict]) -> RunTracker:
     """The sweep's parent run: reopened when the storage folder names one, else created."""
     tags = {
-        KIND_TAG: SWEEP_KIND, SWEEP_TAG: spec.name, STORAGE_TAG: str(experiment_dir),
+        KIND_TAG: SWEEP_KIND, SWEEP_TAG: spec.name, STORAGE_TAG: str(experiment_dir), VALIDATION_METRIC_TAG: VALIDATION_METRIC_VERSION,
         "dataset": spec.base.data.dataset, "protocol": protocol_name(spec.base), "learner": spec.base.learner.name,
     }  # fmt: skip
     if saved:

@@ -10,8 +10,10 @@ from method.metrics import (
     accuracy_rows,
     average_accuracy,
     average_incremental_accuracy,
+    class_balanced_task_accuracy,
     class_weighted_accuracy,
     forgetting,
+    mean_of_present,
     new_matrix,
     shot_accuracies,
     shot_groups,
@@ -206,3 +208,26 @@ def test_validation_metrics_are_nan_when_no_seen_task_has_held_out_images():
     assert math.isnan(validation_average_incremental_accuracy(v, 0))
     # phase 0 has no value, so the running mean starts at phase 1: 40 / 1
     assert validation_average_incremental_accuracy(v, 1) == pytest.approx(40.0)
+
+
+def test_class_balanced_task_accuracy_4_and_1_held_out_images_and_a_class_without():
+    tasks = [[0, 1], [2, 3], [4]]
+    # Task 0: class 0 has 4 held-out images, 3 right (75 %); class 1 has 1, wrong (0 %).
+    #   Pooled image by image: 3 / 5 = 60 %. Balanced: (75 + 0) / 2 = 37.5 %.
+    # Task 1: class 2 has 2 images, 1 right (50 %); class 3 has none and is left out: 50 %.
+    # Task 2: class 4 has none: NaN.
+    labels = [0, 0, 0, 0, 1, 2, 2]
+    predicted = [0, 0, 0, 1, 0, 2, 0]
+    rows = accuracy_rows(predicted, predicted, labels, tasks, 2)
+    np.testing.assert_allclose(rows.acc, [60.0, 50.0, np.nan])  # the image-weighted rows
+    balanced = class_balanced_task_accuracy(rows.class_acc, rows.class_labels, tasks, 2)
+    np.testing.assert_allclose(balanced, [37.5, 50.0, np.nan])
+    assert mean_of_present(balanced) == pytest.approx(43.75)  # (37.5 + 50) / 2: val_acc of the phase
+
+
+def test_class_balanced_task_accuracy_reads_classes_by_label_not_by_position():
+    # The same per-class accuracies listed in another order give the same task means.
+    tasks = [[3, 1], [0, 2]]
+    balanced = class_balanced_task_accuracy([10.0, 20.0, 30.0, np.nan], [0, 1, 2, 3], tasks, 1)
+    np.testing.assert_allclose(balanced, [20.0, 20.0])  # task 0: class 1 alone; task 1: (10 + 30) / 2
+    assert math.isnan(class_balanced_task_accuracy([np.nan, np.nan], [0, 1], [[0, 1]], 0)[0])

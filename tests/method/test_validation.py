@@ -53,21 +53,21 @@ VAL_LABELS = {0: 0, 1: 0, 2: 1, 3: 1, 4: 4}
 TEST_LABELS = {10 + c: c for c in range(NUM_CLASSES)}
 
 
-def hand_benchmark() -> Benchmark:
+def hand_benchmark(val_labels=VAL_LABELS) -> Benchmark:
     train_ids = list(range(20, 30))
     return Benchmark(
         dataset="cifar10", image_size=4, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
         class_order=list(range(NUM_CLASSES)), class_names=[f"c{c}" for c in range(NUM_CLASSES)], task_classes=TASKS,
         train=split(train_ids, [c for c in range(NUM_CLASSES) for _ in range(2)]),
-        val=split(list(VAL_LABELS), list(VAL_LABELS.values())),
+        val=split(list(val_labels), list(val_labels.values())),
         test=split(list(TEST_LABELS), list(TEST_LABELS.values())),
     )  # fmt: skip
 
 
-def hand_trainer() -> IncrementalTrainer:
+def hand_trainer(val_labels=VAL_LABELS) -> IncrementalTrainer:
     cfg = RunConfig()
     cfg.device = "cpu"
-    trainer = IncrementalTrainer(cfg, benchmark=hand_benchmark())
+    trainer = IncrementalTrainer(cfg, benchmark=hand_benchmark(val_labels))
     trainer._initialise()
     trainer.model = IncrementalNet(TablePredictor())
     for classes in TASKS:
@@ -79,13 +79,13 @@ def hand_trainer() -> IncrementalTrainer:
     return trainer
 
 
-def score_phase(trainer, phase, val_predictions):
-    """Evaluate `phase` with the held-out images predicted as given (test images all correct)."""
+def score_phase(trainer, phase, predictions):
+    """Evaluate `phase` with the images predicted as given by id (test images not given: correct)."""
     table = trainer.model.backbone.predicted
     table.zero_()
     for image_id, label in TEST_LABELS.items():
         table[image_id] = label
-    for image_id, prediction in val_predictions.items():
+    for image_id, prediction in predictions.items():
         table[image_id] = prediction
     num_seen = sum(len(c) for c in TASKS[: phase + 1])
     return trainer._evaluate(phase, num_seen, trainer._score_phase(phase, num_seen, None))
@@ -115,6 +115,59 @@ def test_validation_metrics_of_a_hand_made_benchmark():
     assert r2.metrics["val_images"] == 5
     # The test images were all predicted right, whatever the held-out ones were.
     assert r2.metrics["acc"] == pytest.approx(100.0) and r2.metrics["avg_incremental_acc"] == pytest.approx(100.0)
+
+
+# Held-out images of a long tail: class 0 has four (ids 0-3), class 1 one (id 4); the test set
+# has one image per class (ids 10..14), balanced as CIFAR's is.
+LONG_TAILED_VAL = {0: 0, 1: 0, 2: 0, 3: 0, 4: 1}
+
+
+def test_a_task_of_4_and_1_held_out_images_is_scored_class_balanced_with_per_class_columns():
+    trainer = hand_trainer(LONG_TAILED_VAL)
+    # Class 0: ids 0, 1, 2 right, id 3 wrong (75 %); class 1: id 4 wrong (0 %).
+    # Image-weighted: 3 / 5 = 60 %; class-balanced: (75 + 0) / 2 = 37.5 %.
+    result = score_phase(trainer, 0, {0: 0, 1: 0, 2: 0, 3: 1, 4: 0})
+    assert result.metrics["val_acc"] == pytest.approx(37.5)
+    assert result.metrics["val_avg_incremental_acc"] == pytest.approx(37.5)
+    assert result.metrics["val_images"] == 5
+    assert result.per_class["val_count"] == [4, 1]
+    assert result.per_class["val_accuracy"] == pytest.approx([75.0, 0.0])
+    # Phases 1 and 2: task 1's classes and task 2's class have no held-out image: NaN columns,
+    # and tasks 1 and 2 are left out of val_acc (task 0 alone: class 0 at 100 %, class 1 at 100 %).
+    score_phase(trainer, 1, {0: 0, 1: 0, 2: 0, 3: 0, 4: 1})
+    result = score_phase(trainer, 2, {0: 0, 1: 0, 2: 0, 3: 0, 4: 1})
+    assert result.per_class["val_count"] == [4, 1, 0, 0, 0]
+    assert np.isnan(result.per_class["val_accuracy"][2:]).all()
+    assert result.metrics["val_acc"] == pytest.approx(100.0)
+
+
+def val_and_test(trainer, predictions):
+    """(the old image-weighted held-out accuracy, val_acc, the test acc) of phase 0."""
+    result = score_phase(trainer, 0, predictions)
+    image_weighted = trainer._score_phase(0, 2, None)["val"].acc[0]  # the rows, pooled image by image
+    return image_weighted, result.metrics["val_acc"], result.metrics["acc"]
+
+
+def test_the_balanced_metric_ranks_two_configs_as_the_balanced_test_does_and_the_pooled_one_does_not():
+    trainer = hand_trainer(LONG_TAILED_VAL)
+    # "head": everything predicted as class 0, the task's head. Held-out: 4 / 5 = 80 % pooled,
+    # (100 + 0) / 2 = 50 % balanced; test: class 0 right, class 1 wrong, 50 %.
+    head = val_and_test(trainer, {0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 11: 0})
+    # "fair": class 0 half right (ids 0, 1), class 1 right. Held-out: 3 / 5 = 60 % pooled,
+    # (50 + 100) / 2 = 75 % balanced; test: both right, 100 %.
+    fair = val_and_test(trainer, {0: 0, 1: 0, 2: 1, 3: 1, 4: 1})
+    assert head == pytest.approx((80.0, 50.0, 50.0))
+    assert fair == pytest.approx((60.0, 75.0, 100.0))
+    pooled_choice = max(("head", head), ("fair", fair), key=lambda c: c[1][0])[0]
+    balanced_choice = max(("head", head), ("fair", fair), key=lambda c: c[1][1])[0]
+    test_choice = max(("head", head), ("fair", fair), key=lambda c: c[1][2])[0]
+    assert (pooled_choice, balanced_choice, test_choice) == ("head", "fair", "fair")
+
+
+def test_the_per_epoch_validation_print_is_the_phase_measure():
+    trainer = hand_trainer(LONG_TAILED_VAL)
+    score_phase(trainer, 0, {0: 0, 1: 0, 2: 0, 3: 1, 4: 0})  # sets the prediction table
+    assert trainer._validation_accuracy(0, 2) == pytest.approx(37.5)  # not the pooled 60 %
 
 
 def test_the_validation_matrix_is_carried_in_the_state():

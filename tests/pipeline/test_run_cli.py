@@ -15,8 +15,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from method.metrics import VALIDATION_METRIC_VERSION
 from method.results import METRIC_NAMES
 from pipeline.cli import app
+from pipeline.config import resolve
+from pipeline.tracking import RunTracker
 
 REPO = Path(__file__).resolve().parents[2]
 # CIFAR-10-LT, 6 base classes + 2 tasks of 2: three phases on 3% of the data, one epoch.
@@ -77,6 +80,29 @@ def test_run_logs_every_phase_into_a_sqlite_store(tmp_path, data_root):
     assert_complete_run(client, run)
     final = client.get_metric_history(run.info.run_id, "avg_incremental_acc")
     assert f"{max(final, key=lambda m: m.step).value:.2f}%" in output
+    assert run.data.tags["imbcil.validation_metric"] == str(VALIDATION_METRIC_VERSION)
+    assert_val_acc_is_the_mean_of_class_accuracies(client, run.info.run_id, tmp_path)
+
+
+def assert_val_acc_is_the_mean_of_class_accuracies(client, run_id, tmp_path):
+    """Each phase's val_acc: the mean over seen tasks of the mean val_accuracy of their classes that have held-out images."""
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "val_acc")}
+    order = client.download_artifacts(run_id, "class_order.csv", str(tmp_path))
+    positions = [int(line.split(",")[0]) for line in Path(order).read_text().splitlines()[1:]]
+    assert positions == list(range(10))
+    for phase in range(PHASES):
+        local = client.download_artifacts(run_id, f"phase_{phase}/per_class.parquet", str(tmp_path))
+        table = pq.read_table(local).to_pydict()
+        assert len(table["val_count"]) == len(table["val_accuracy"]) == 6 + 2 * phase
+        by_class = dict(zip(table["position"], zip(table["val_count"], table["val_accuracy"])))
+        tasks = [range(6), range(6, 8), range(8, 10)][: phase + 1]  # TINY: 6 base classes + 2 tasks of 2
+        task_means = []
+        for task in tasks:
+            present = [by_class[c][1] for c in task if by_class[c][0] > 0]
+            assert all(not math.isnan(a) for a in present)
+            if present:
+                task_means.append(np.mean(present))
+        assert logged[phase] == pytest.approx(np.mean(task_means), abs=1e-9)
 
 
 @pytest.mark.e2e
@@ -135,6 +161,24 @@ def test_killed_run_resumes_without_duplicates_and_equals_a_straight_run(tmp_pat
     straight = client.search_runs([client.get_experiment_by_name("straight").experiment_id])[0]
     for name in ("acc", "avg_incremental_acc", "forgetting", "loss"):
         assert resumed.data.metrics[name] == straight.data.metrics[name], name
+
+
+def test_a_run_logged_with_the_image_weighted_validation_metric_is_not_resumed(tmp_path, data_root):
+    # A run as an imbcil of before the class-balanced metric left it: phase 0 logged, no version tag.
+    uri = sqlite_uri(tmp_path)
+    cfg = resolve(REPO / "configs/quickstart.yaml", TINY, data_root=str(data_root))
+    with RunTracker(uri, "old-metric", "old") as tracker:
+        tracker.log_config(cfg)
+    client = MlflowClient(uri)
+    client.delete_tag(tracker.run_id, "imbcil.validation_metric")
+    client.set_tag(tracker.run_id, "imbcil.last_phase", "0")
+    client.log_metric(tracker.run_id, "val_acc", 61.0, step=0)
+
+    code, output = invoke("run", "--resume", tracker.run_id, "--data-root", data_root, "--tracking-uri", uri)
+    assert code == 2 and len(output.strip().splitlines()) == 1, output
+    assert "version 1 (image-weighted)" in output and "version 2 (class-balanced)" in output
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "val_acc")] == [61.0]  # nothing added
+    assert client.get_run(tracker.run_id).data.tags["imbcil.last_phase"] == "0"
 
 
 def store_is_empty(tmp_path):

@@ -239,6 +239,23 @@ def test_cli_refuses_searched_overrides_missing_files_data_and_resumes(tmp_path,
     assert not (tmp_path / "store").exists()
 
 
+def test_a_sweep_measured_with_the_image_weighted_validation_metric_is_not_resumed(tmp_path, data_root, sweep_kit):
+    # A sweep folder as an imbcil of before the class-balanced metric left it: its parent-run record
+    # has no metric version.
+    path = sweep_kit.write_sweep(tmp_path / "tiny.yaml")
+    results = tmp_path / "store" / "tiny" / "imbcil"
+    results.mkdir(parents=True)
+    saved = load_sweep(path, data_root=str(data_root))
+    (results / "sweep.yaml").write_text(yaml.safe_dump(saved.to_dict(), sort_keys=False))
+    (results / "parent_run.json").write_text(json.dumps({"run_id": "0" * 32, "experiment": "tiny"}))
+    result = CliRunner().invoke(app, ["sweep", str(path), "--resume", "--storage", str(tmp_path / "store"),
+                                      "--data-root", str(data_root), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                                catch_exceptions=False)  # fmt: skip
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "sweep 'tiny'" in result.output and "version 1 (image-weighted)" in result.output
+    assert not (tmp_path / "mlflow.db").exists()  # refused before anything was opened
+
+
 # ---------------------------------------------------------------------------------------------
 # Driver pieces that need no Ray cluster
 
