@@ -307,14 +307,16 @@ class IncrementalTrainer:
         """Every random state the next phase draws from: a checkpoint's and a stored phase's."""
         return {
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # The run's own device alone: a process that restores it may see fewer GPUs.
+            "cuda_rng": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else None,
             "generator": self.generator.get_state(),
         }
 
     def _set_rng_states(self, torch_rng: torch.Tensor, cuda_rng: Optional[list], generator: torch.Tensor) -> None:
         torch.set_rng_state(torch_rng)
-        if cuda_rng is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_rng)
+        if cuda_rng and self.device.type == "cuda":
+            # The saving run's device comes first (states of before listed every visible device).
+            torch.cuda.set_rng_state(cuda_rng[0], self.device)
         self.generator.set_state(generator)
 
     def _frozen(self, model: IncrementalNet) -> IncrementalNet:

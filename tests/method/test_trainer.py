@@ -180,3 +180,28 @@ def test_the_trainer_never_changes_the_config_it_is_given(data_root, benchmark_f
     before = copy.deepcopy(cfg)
     trainer = IncrementalTrainer(cfg, benchmark=benchmark_factory(small_config(data_root)))
     assert cfg == before and trainer.cfg.train.epochs == 160 and trainer.cfg.train.milestones == [80, 120]
+
+
+def test_a_cuda_rng_list_saved_on_two_gpus_restores_in_a_process_that_sees_one(monkeypatch):
+    # A phase stored by a run on a 2-GPU host (one CUDA state per visible device, as before),
+    # reused by a Ray task that sees one GPU: only the run's own device state is put back.
+    from tests.method.test_validation import hand_trainer
+
+    trainer = hand_trainer()
+    trainer.device = torch.device("cuda")  # as on a GPU host; the CUDA calls are stubbed
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((4,), 7, dtype=torch.uint8))
+    saved_on_two = [torch.full((4,), 1, dtype=torch.uint8), torch.full((4,), 2, dtype=torch.uint8)]
+    torch_rng, generator = torch.get_rng_state(), trainer.generator.get_state()
+    torch.manual_seed(123)
+    trainer.generator.manual_seed(123)
+
+    trainer._set_rng_states(torch_rng, saved_on_two, generator)
+    assert len(restored) == 1 and torch.equal(restored[0][0], saved_on_two[0]) and restored[0][1] == trainer.device
+    assert torch.equal(torch.get_rng_state(), torch_rng) and torch.equal(trainer.generator.get_state(), generator)
+    # What it saves from now on is its own device's state alone.
+    saved = trainer._rng_states()["cuda_rng"]
+    assert len(saved) == 1 and torch.equal(saved[0], torch.full((4,), 7, dtype=torch.uint8))
+    trainer.device = torch.device("cpu")
+    assert trainer._rng_states()["cuda_rng"] is None
