@@ -30,6 +30,18 @@ def pytest_configure(config):
     os.environ.setdefault("IMBCIL_CACHE", tempfile.mkdtemp(prefix="imbcil-test-cache-"))
     os.environ.setdefault("IMBCIL_PHASE_STORE", "off")
 
+# A test that uses one of these (directly or through another fixture) reads the real dataset, or
+# starts a real MLflow server or Ray cluster: it is end to end, whether or not it says so.
+E2E_FIXTURES = {"data_root", "mlflow_server", "cluster_kit"}
+
+
+def pytest_collection_modifyitems(items):
+    """`pytest -m "not e2e"` leaves out every test that needs real data or real services."""
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 POSTGRES_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
 SERVER_START_TIMEOUT_S = 90.0
 SERVER_STOP_TIMEOUT_S = 10.0

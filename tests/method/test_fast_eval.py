@@ -8,8 +8,8 @@ from method.data import build_benchmark
 from method.memory import herding_order
 from method.trainer import IncrementalTrainer, fastest_eval_batch, frozen_teacher
 
-from test_teacher import trained_statistics_model
-from test_trainer import small_config
+from tests.method.test_teacher import trained_statistics_model
+from tests.method.test_trainer import small_config
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from method.data import build_benchmark
 from method.phases import UndeclaredFieldError, declared_fields, phase_inputs, phase_keys
 from method.trainer import IncrementalTrainer
 
-from test_trainer import small_config
+from tests.method.test_trainer import small_config
 
 CPU = torch.device("cpu")
 PHASES = 2  # phase 0, and phase 1: the first with memory and an old model

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.display import duration
 from pipeline.run import RunPlan, run_command
 
-from test_run_cli import REPO, TINY, invoke, only_run, sqlite_uri
+from tests.pipeline.test_run_cli import REPO, TINY, invoke, only_run, sqlite_uri
 
 MEMORY = {
     "per class": ["memory.budget=per_class", "memory.per_class=20"],

@@ -19,8 +19,7 @@ from method.trainer import IncrementalTrainer
 from pipeline.names import phase_from_tag
 from pipeline.phase_store import META_FILE, PHASE_FILE, FolderPhaseStore, resolve_store_folder
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "method"))
-from test_trainer import small_config  # noqa: E402
+from tests.method.test_trainer import small_config
 
 # What no two runs share: the seconds things took, and whether the phase came from the store.
 UNSHARED = {"train_seconds", "phase_seconds", "train_images_per_s", "phase_reused"}
@@ -175,7 +174,7 @@ from method.trainer import IncrementalTrainer
 from pipeline.phase_store import FolderPhaseStore
 from pipeline.runtime import decoded_data
 sys.path.insert(0, sys.argv[3])
-from test_trainer import small_config
+from tests.method.test_trainer import small_config
 cfg = small_config(sys.argv[1])
 benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=decoded_data(cfg.data))
 trainer = IncrementalTrainer(cfg, benchmark=benchmark, phase_store=FolderPhaseStore(sys.argv[2], owner=sys.argv[4]))
@@ -186,10 +185,10 @@ open(sys.argv[4] + ".json", "w").write(json.dumps([r.reused_from for r in traine
 def test_two_runs_started_together_train_each_shared_phase_once_and_both_finish(data_root, tmp_path):
     script = tmp_path / "two_runs.py"
     script.write_text(TWO_RUNS)
-    tests_method = os.path.join(os.path.dirname(__file__), "..", "method")
+    repo = os.path.join(os.path.dirname(__file__), "..", "..")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     runs = [
-        subprocess.Popen([sys.executable, str(script), str(data_root), str(tmp_path / "phases"), tests_method, name], cwd=tmp_path, env=env)
+        subprocess.Popen([sys.executable, str(script), str(data_root), str(tmp_path / "phases"), repo, name], cwd=tmp_path, env=env)
         for name in ("a", "b")
     ]
     assert [run.wait(timeout=600) for run in runs] == [0, 0]
