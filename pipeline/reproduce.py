@@ -18,7 +18,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
@@ -26,6 +26,9 @@ from mlflow.exceptions import MlflowException
 from method.config import RunConfig, paper_budget, protocol_name
 from method.data import build_benchmark
 from method.events import PhaseDone, ProgressCallback, ProgressEvent, phase_label
+if TYPE_CHECKING:
+    import torch
+
 from pipeline import STARTED, report
 from pipeline.check import preflight, raise_on_failure
 from pipeline.config import ConfigError, dump_yaml, resolve, validate
@@ -40,7 +43,7 @@ from pipeline.names import (
 )
 from pipeline.run import train_tracked
 from pipeline.phase_store import PHASE_STORE_DIR, describe as describe_store, resolve_store_folder, user_store_folder
-from pipeline.runtime import RAY_START_S, absolute_store_uri, decoded_data, unwritable_ancestor, exception_line, forget_decoded_data, start_local_ray
+from pipeline.runtime import RAY_START_S, absolute_store_uri, decoded_data, ray_task_device, unwritable_ancestor, exception_line, forget_decoded_data, start_local_ray
 from pipeline.tracking import (
     RunTracker,
     TrackingError,
@@ -260,15 +263,24 @@ def phase_printer(label: str) -> ProgressCallback:
     return callback
 
 
-def run_seed(job: SeedJob, tracking_uri: str, experiment: str, parent_run_id: str) -> report.SeedResult:
-    """Train one config on one seed as a child run of the reproduction."""
+def run_seed(
+    job: SeedJob, tracking_uri: str, experiment: str, parent_run_id: str, device: Optional[torch.device] = None
+) -> report.SeedResult:
+    """Train one config on one seed as a child run of the reproduction (`device`: see train_tracked)."""
     cfg = job.cfg
     benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=decoded_data(cfg.data))
     tags = {KIND_TAG: REPRODUCTION_RUN_KIND, CONFIG_NAME_TAG: job.config_name}
     tracker = RunTracker(tracking_uri, experiment, run_name=job.label, parent_run_id=parent_run_id, tags=tags)
     with tracker:
-        results = train_tracked(cfg, tracker, benchmark=benchmark, progress=phase_printer(job.label), phase_store=job.phase_store)
+        results = train_tracked(
+            cfg, tracker, benchmark=benchmark, progress=phase_printer(job.label), phase_store=job.phase_store, device=device
+        )
     return report.SeedResult(job.config_name, cfg.learner.name, cfg.seed, tracker.run_id, [dict(r.metrics) for r in results])
+
+
+def run_seed_in_ray(job: SeedJob, tracking_uri: str, experiment: str, parent_run_id: str) -> report.SeedResult:
+    """`run_seed` as a Ray task: on the GPU Ray gave it, else on the CPU."""
+    return run_seed(job, tracking_uri, experiment, parent_run_id, device=ray_task_device(job.cfg.device))
 
 
 @dataclass
@@ -359,7 +371,7 @@ class RayTasks:
 
     def run(self, jobs, submit_args: Callable[[SeedJob], tuple], done: Callable, *, cpus: float, gpus: float) -> None:
         ray = self.ray
-        remote = ray.remote(run_seed)
+        remote = ray.remote(run_seed_in_ray)
         pending = {}
         for job in jobs:
             # No retries: a retried run would be a second MLflow run of the same seed.
@@ -562,6 +574,8 @@ def reproduce(
             wants_gpu = any(e.cfg.device != "cpu" for e in plan.entries)
             gpus_per_run = 1.0 if wants_gpu and executor.gpus() > 0 else 0.0
         gpus_per_run = gpus_per_run or 0.0
+        if use_ray and gpus_per_run == 0 and any(e.cfg.device == "cuda" for e in plan.entries):
+            raise ConfigError("--gpus-per-run: a config asks for device cuda but each run gets no GPU; give runs a GPU or set device auto")
         executor.resources_check(cpus_per_run, gpus_per_run)
         return _run_all(plan, jobs, executor, cpus_per_run, gpus_per_run, started)
     finally:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 from method.config import RunConfig
 from method.data import Benchmark, build_benchmark
 from method.results import PhaseResult
@@ -53,8 +55,12 @@ def train_tracked(
     extra_tags: Optional[dict] = None,
     phase_store: Optional[Path] = None,
     phases: Optional[int] = None,
+    device: Optional[torch.device] = None,
 ) -> list[PhaseResult]:
     """Train the phases the run has not logged yet (up to `phases`), logging each one as soon as it ends.
+
+    `device` places the training where the caller was given room (a Ray task's own GPU, or the
+    CPU), leaving the logged config's `device` as the user wrote it.
 
     With a `phase_store` folder, a phase that another run trained with the same key is taken from
     it (and still logged here, with a tag naming that run), and each phase trained here is stored.
@@ -64,7 +70,7 @@ def train_tracked(
         refuse_mixed_validation_metric(tracker.validation_metric_version(), f"run {tracker.run_id}")
     state = tracker.load_checkpoint(last) if last is not None else None
     store = FolderPhaseStore(phase_store, owner=tracker.run_id) if phase_store is not None else None
-    trainer = IncrementalTrainer(cfg, benchmark=benchmark, progress=progress, phase_store=store)
+    trainer = IncrementalTrainer(cfg, benchmark=benchmark, progress=progress, phase_store=store, device=device)
     if state is None:
         tracker.log_config(cfg, extra_tags)
         tracker.log_class_order(trainer.benchmark.class_order, _names_by_original_label(trainer.benchmark))

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional
 
 if TYPE_CHECKING:
+    import torch
+
     from method.config import DataConfig
     from method.data import RawData
 
@@ -89,6 +91,20 @@ def start_local_ray(num_cpus: int, **options) -> None:
 
     with local_ray_settings():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, **options)
+
+
+def ray_task_device(device: str) -> "torch.device":
+    """Where a Ray task (a trial, a reproduction seed) trains: on a GPU only if Ray gave it one.
+
+    Since Ray 2.60 a task given no GPU still sees every card (ray-project/ray#54868), and
+    `device: auto` would take cuda:0 without Ray counting it. Configs that insist on cuda are
+    refused before such a task starts (sweep spec, reproduce).
+    """
+    import ray
+
+    from method.trainer import resolve_device
+
+    return resolve_device(device if ray.get_gpu_ids() else "cpu")
 
 
 def unwritable_ancestor(path: Path) -> Optional[Path]:

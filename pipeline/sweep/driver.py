@@ -498,6 +498,7 @@ def _run_sweep(
         (results_dir / PARENT_FILE).write_text(json.dumps(parent_record))
         searched = ", ".join(spec.space)
         say(f"sweep {spec.name}: {spec.tune.num_samples} trials searching {searched}; Ray results in {experiment_dir}")
+        say(trial_placement(spec.tune.resources_per_trial))
         say(f"MLflow parent run: {parent.url}")
         say(describe_store(store))
         orphans = _orphaned_runs(parent, experiment_dir) if resume and restorable else ()
@@ -699,6 +700,14 @@ def _saved_spec(results_dir: Path) -> Optional[SweepSpec]:
     if not path.is_file():
         return None
     return spec_from_resolved(yaml.safe_load(path.read_text()))
+
+
+def trial_placement(resources: Mapping[str, float]) -> str:
+    """Where trials train: a task given no GPU is kept off the cards (runtime.ray_task_device)."""
+    cpus, gpus = resources.get("cpu", 1.0), resources.get("gpu", 0.0)
+    if gpus == 0:
+        return f"trials run on the CPU ({cpus:g} core(s) each; tune.resources_per_trial.gpu is 0)"
+    return f"trials run on the GPU ({gpus:g} GPU and {cpus:g} core(s) each)"
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:

