@@ -40,9 +40,15 @@ def graph_training_forward(backbone: nn.Module, sample: torch.Tensor, autocast: 
     leaves no trace in the model. `autocast` must be built with cache_enabled=False.
     """
     saved = [buffer.clone() for buffer in backbone.buffers()]
-    graphed = _Calls(backbone).train()
+    calls = _Calls(backbone).train()
     with autocast():
-        torch.cuda.make_graphed_callables(graphed, (sample.clone(),), num_warmup_iters=WARMUP_STEPS)
+        # thread_local: CUDA work of other threads (a DataLoader's pin-memory thread) cannot
+        # break the capture, as it would under the default "global" mode.
+        torch.cuda.make_graphed_callables(calls, (sample.clone(),), num_warmup_iters=WARMUP_STEPS, capture_error_mode="thread_local")
+    # The capture sets calls.forward to a closure that refers back to `calls`: a cycle that only
+    # the garbage collector frees, with the graph's memory pool. Holding the closure here instead
+    # leaves no cycle, so the pool goes with the trainer that holds this forward.
+    graphed = calls.__dict__.pop("forward")
     with torch.no_grad():
         for buffer, value in zip(backbone.buffers(), saved):
             buffer.copy_(value)
@@ -63,7 +69,7 @@ def graph_inference(module: nn.Module, sample: torch.Tensor, autocast: Callable)
             module(static_input)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), autocast(), torch.cuda.graph(graph):
+    with torch.no_grad(), autocast(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
         static_output = module(static_input)
 
     def forward(x: torch.Tensor) -> torch.Tensor:

@@ -104,11 +104,14 @@ def nca_loss(logits: torch.Tensor, targets: torch.Tensor, margin: float = 0.6, s
 def pod_spatial_loss(maps: list[torch.Tensor], old_maps: list[torch.Tensor]) -> torch.Tensor:
     """POD-spatial: per stage, squared activations summed over height and over width, each
     (B, C*W) and (B, C*H) concatenated and L2-normalised; the mean over the batch of the
-    distance between new and old; averaged over the stages."""
-    total = maps[0].new_zeros(())
+    distance between new and old; averaged over the stages.
+
+    In fp32 whatever the maps' dtype: squaring and summing bf16 maps over a whole row loses the
+    small differences the distance measures."""
+    total = maps[0].new_zeros((), dtype=torch.float32)
     for new, old in zip(maps, old_maps):
         pooled = []
-        for a in (new.pow(2), old.pow(2)):
+        for a in (new.float().pow(2), old.float().pow(2)):
             b = a.shape[0]
             pooled.append(F.normalize(torch.cat([a.sum(dim=3).reshape(b, -1), a.sum(dim=2).reshape(b, -1)], dim=1), dim=1))
         total = total + torch.linalg.vector_norm(pooled[0] - pooled[1], dim=1).mean()

@@ -68,3 +68,13 @@ def test_head_wise_distillation_by_hand():
     student = torch.tensor([[0.0, math.log(3.0)]])
     value = head_wise_distillation(student, torch.zeros(1, 2), [(0, 2)], 1.0).item()
     assert value == pytest.approx(-(0.5 * math.log(0.25) + 0.5 * math.log(0.75)))
+
+
+def test_pod_spatial_on_bf16_maps_is_the_fp32_computation_of_the_same_maps():
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.randn(4, 8, 6, 6, generator=generator).bfloat16() for _ in range(2)]
+    old_maps = [(m.float() + 0.05 * torch.randn(m.shape, generator=generator)).bfloat16() for m in maps]
+    in_bf16 = pod_spatial_loss(maps, old_maps)
+    in_fp32 = pod_spatial_loss([m.float() for m in maps], [m.float() for m in old_maps])
+    assert in_bf16.dtype == torch.float32
+    assert in_bf16.item() == pytest.approx(in_fp32.item(), rel=1e-6)

@@ -1,6 +1,10 @@
 """`train.cuda_graph`: the graphed step trains exactly as the eager one (CUDA only), and is refused elsewhere."""
 
+import contextlib
 import copy
+import gc
+import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,3 +99,65 @@ def test_graphed_step_runs_without_host_synchronisation():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(model.head_weight).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The capture calls, stubbed, so that these run without CUDA
+
+
+def stub_make_graphed_callables(calls, modules=None):
+    """Records each capture's keywords (and a weak reference to the module), and patches the
+    module's forward as torch does: with a closure that refers back to the module."""
+
+    def capture(module, sample_args, **options):
+        calls.append(options)
+        if modules is not None:
+            modules.append(weakref.ref(module))
+        original = module.forward
+
+        def new_forward(*args):
+            return original(*args) if module.training else None
+
+        module.forward = new_forward
+        return module
+
+    return capture
+
+
+def test_both_captures_are_thread_local(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stub_make_graphed_callables(calls))
+    graph_training_forward(torch.nn.Linear(2, 2), torch.zeros(1, 2), contextlib.nullcontext)
+    assert calls == [{"num_warmup_iters": 3, "capture_error_mode": "thread_local"}]
+
+    captures = []
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, **options):
+        captures.append(options)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(replay=lambda: None))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: SimpleNamespace(wait_stream=lambda other: None))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(wait_stream=lambda other: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    graph_inference(torch.nn.Linear(2, 2), torch.zeros(1, 2), contextlib.nullcontext)
+    assert captures == [{"capture_error_mode": "thread_local"}]
+
+
+def test_a_graphed_module_is_freed_with_its_forward_without_a_garbage_collection(monkeypatch):
+    graphed_modules = []
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stub_make_graphed_callables([], graphed_modules))
+    backbone = torch.nn.Linear(2, 2)
+    forward = graph_training_forward(backbone, torch.zeros(1, 2), contextlib.nullcontext)
+    x = torch.ones(1, 2)
+    assert torch.equal(forward(x), backbone(x))  # through the captured module's forward
+    (graphed,) = graphed_modules
+    gc.disable()  # what frees it must be reference counting alone
+    try:
+        assert graphed() is not None
+        del forward
+        assert graphed() is None
+    finally:
+        gc.enable()
