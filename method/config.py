@@ -140,8 +140,10 @@ class TrainConfig:
     # bf16: autocast on CUDA, and on CPU where it has AMX or AVX512-BF16 (elsewhere it is
     # slower than fp32 there). fp32 is the default.
     precision: str = bounded("fp32", first_phase=0, choices=("fp32", "bf16"))
-    # Capture the fixed-shape training step as a CUDA graph (CUDA only).
-    cuda_graph: bool = bounded(False, first_phase=0)
+    # Capture the fixed-shape training step as a CUDA graph (CUDA only). How a run executes, like
+    # `device`: the graphed step trains as the eager one (tests/method/test_graphs.py), so it
+    # enters no phase key and a run may resume with it changed.
+    cuda_graph: bool = bounded(False, first_phase=NEVER)
     first_task: FirstTaskConfig = field(default_factory=FirstTaskConfig)
 
     def for_task(self, task: int) -> TaskSchedule:

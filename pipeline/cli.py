@@ -7,6 +7,7 @@ stderr and exit code 2; a run that fails during training exits 1, Ctrl-C exits 1
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -82,7 +83,8 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides
         "Examples:\n\n"
         "  imbcil run configs/quickstart.yaml --data-root ../shared/data\n\n"
         "  imbcil run configs/quickstart.yaml train.epochs=2 learner.name=replay\n\n"
-        "  imbcil run --resume 3f2a... --data-root ../shared/data"
+        "  imbcil run --resume 3f2a... --data-root ../shared/data\n\n"
+        "  imbcil run --resume 3f2a... train.cuda_graph=false  (where and how it runs may change)"
     )
 )
 @user_facing
@@ -102,6 +104,9 @@ def run(
 
     if config is None and not resume:
         raise ConfigError("config: give a run config YAML (or --resume RUN_ID)")
+    if resume and config is not None and "=" in config and not Path(config).exists():
+        # `--resume ID key=value`: an override of the logged config, not a config file.
+        config, overrides = None, [config, *(overrides or [])]
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: must be one of auto, cpu, cuda (got {device!r})")
     if dry_run:

@@ -74,6 +74,10 @@ def _upgraded(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+# Where and how a run executes, not what it computes: a resumed run or sweep may change them.
+PLACEMENT_KEYS = ("data.root", "device", "data.num_workers", "train.cuda_graph")
+
+
 def resolve(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),

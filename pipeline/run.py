@@ -21,7 +21,7 @@ from method.events import ProgressCallback
 from method.plan import PhasePlan, Rates, estimate_seconds, measure_rates, plan_phases
 from method.trainer import IncrementalTrainer, resolve_device
 from pipeline import STARTED
-from pipeline.config import ConfigError, config_from_dict, config_to_dict, flatten, read_yaml, resolve, resolve_dict
+from pipeline.config import PLACEMENT_KEYS, ConfigError, config_from_dict, config_to_dict, flatten, read_yaml, resolve, resolve_dict
 from pipeline.phase_store import FolderPhaseStore, resolve_store_folder, user_store_folder
 from pipeline.runtime import decoded_data
 from pipeline.tracking import RunTracker, TrackingError, check_tracking, refuse_mixed_validation_metric, resolve_tracking_uri
@@ -39,7 +39,7 @@ def logged_config(tracker: RunTracker) -> RunConfig:
 def same_config_or_error(given: RunConfig, logged: RunConfig) -> None:
     ours, theirs = flatten(given), flatten(logged)
     for key, value in theirs.items():
-        if key in ("data.root", "device", "data.num_workers"):  # where/how it runs, not what
+        if key in PLACEMENT_KEYS:
             continue
         if ours.get(key) != value:
             raise ConfigError(f"{key}: the run to resume was logged with {value!r}, the config now says {ours.get(key)!r}")
@@ -142,15 +142,20 @@ def run_command(
     if dry_run and resume:
         raise ConfigError("--dry-run plans a new run; it does not take --resume")
     given = None
-    if config_path is not None or overrides or not resume:
+    if config_path is not None or not resume:
         given = resolve(config_path, overrides, data_root=data_root, device=device)
     if resume:
         check_tracking(uri)
         tracker = RunTracker(uri, experiment, run_id=resume)
         try:
-            cfg = resolve_dict(config_to_dict(logged_config(tracker)), data_root=data_root, device=device)
+            logged = config_to_dict(logged_config(tracker))
+            # Overrides without a config file apply to the logged config: where and how it runs
+            # may change (--resume ID train.cuda_graph=false on a machine without CUDA), nothing else.
+            cfg = resolve_dict(logged, overrides if given is None else (), data_root=data_root, device=device)
+            same_config_or_error(cfg, config_from_dict(logged))
             if given is not None:
                 same_config_or_error(given, cfg)
+                cfg = given  # the same run, placed as the given config says
             benchmark = build_benchmark(cfg.data, cfg.protocol, cfg.seed, raw=decoded_data(cfg.data))
         except BaseException:
             tracker.finish("FAILED", error="resume refused: the config or data did not match")

@@ -30,6 +30,7 @@ import optuna
 from method.config import RunConfig
 from method.results import METRIC_NAMES, TEST_METRICS, paired_metric
 from pipeline.config import (
+    PLACEMENT_KEYS,
     ConfigError,
     config_from_dict,
     config_to_dict,
@@ -45,7 +46,6 @@ MODES = ("max", "min")
 SECTIONS = ("base", "space", "tune", "first_task")
 FIRST_TASK_SUFFIX = "-first-task"  # the name of a staged sweep's first stage
 # Where a run executes rather than what it computes: a resumed sweep may change these.
-PLACEMENT_KEYS = ("data.root", "device", "data.num_workers")
 # Beyond this many corners of the space, only each key's own bounds are checked.
 MAX_CORNERS = 4096
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

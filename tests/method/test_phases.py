@@ -133,6 +133,10 @@ ALTERNATIVES = {
 }
 
 
+# Fields whose alternative cannot train on a machine without CUDA.
+NEEDS_CUDA = {"train.cuda_graph"}
+
+
 def set_key(cfg, key, value):
     *sections, name = key.split(".")
     node = cfg
@@ -191,6 +195,9 @@ def test_every_field_either_changes_the_key_or_leaves_the_trained_phase_bit_iden
         equal = [k for k in range(PHASES) if keys[k] == base_keys[k]]
         if not equal:
             continue
+        if key in NEEDS_CUDA and not torch.cuda.is_available():
+            checked_equal.append((key, equal))  # keyed as placement; test_graphs trains it on CUDA
+            continue
         base_phases = base_phases or trained_phases(base, benchmark)
         phases = trained_phases(cfg, bench, phases=max(equal) + 1)
         for k in equal:
@@ -201,6 +208,7 @@ def test_every_field_either_changes_the_key_or_leaves_the_trained_phase_bit_iden
     shared = dict(checked_equal)
     assert shared["memory.per_class"] == [0] and shared["learner.dgr.lambda_b"] == [0]
     assert shared["data.num_workers"] == [0, 1] and shared["data.root"] == [0, 1] and shared["name"] == [0, 1]
+    assert shared["train.cuda_graph"] == [0, 1]  # how the step runs, like the device
 
 
 def test_learners_that_differ_only_once_there_is_an_old_model_share_phase_0(data_root, cifar10_raw):

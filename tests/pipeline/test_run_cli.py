@@ -181,6 +181,34 @@ def test_a_run_logged_with_the_image_weighted_validation_metric_is_not_resumed(t
     assert client.get_run(tracker.run_id).data.tags["imbcil.last_phase"] == "0"
 
 
+def test_a_run_logged_with_cuda_graphs_resumes_without_them_from_the_same_checkpoint(tmp_path, data_root, monkeypatch):
+    # A graphed run that stopped after phase 0, as a CUDA machine would have logged it; here it
+    # goes on without graphs (a placement choice, like the device), from phase 0's checkpoint.
+    uri = sqlite_uri(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the store's artifacts land beside it
+    code, output = invoke("run", REPO / "configs/quickstart.yaml", *TINY, "--data-root", data_root, "--tracking-uri", uri)
+    assert code == 0, output
+    client = MlflowClient(uri)
+    run_id = only_run(client).info.run_id
+    straight = {name: [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)] for name in ("acc", "loss")}
+    config = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "cuda_graph: false" in config and "device: cpu" in config
+    graphed = config.replace("cuda_graph: false", "cuda_graph: true").replace("device: cpu", "device: cuda")
+    client.log_text(run_id, graphed, "config.yaml")
+    client.set_tag(run_id, "imbcil.last_phase", "0")
+
+    code, output = invoke("run", "--resume", run_id, "train.cuda_graph=false", "--device", "cpu", "--data-root", data_root, "--tracking-uri", uri)
+    assert code == 0, output
+    for name, values in straight.items():
+        resumed = [m.value for m in client.get_metric_history(run_id, name) if m.step > 0]
+        assert sorted(resumed) == sorted(values[1:] * 2), name  # phases 1 and 2 again, the same numbers
+    # Anything but placement stays refused.
+    client.set_tag(run_id, "imbcil.last_phase", "0")
+    code, output = invoke("run", "--resume", run_id, "train.cuda_graph=false", "train.lr=0.05", "--device", "cpu",
+                          "--data-root", data_root, "--tracking-uri", uri)
+    assert code == 2 and "train.lr: the run to resume was logged with 0.1" in output, output
+
+
 def store_is_empty(tmp_path):
     db = tmp_path / "mlflow.db"
     if not db.exists():
