@@ -69,7 +69,7 @@ def trial_config(args, learner: str, mode: str, seed: int = 0) -> RunConfig:
     cfg.data.dataset, cfg.data.root, cfg.data.train_fraction = "cifar10", args.data_root, args.train_fraction
     cfg.protocol.first_task_classes, cfg.protocol.incremental_tasks = 2, 4
     cfg.train.epochs = args.epochs
-    cfg.train.milestones = [max(1, args.epochs // 2), max(1, (3 * args.epochs) // 4)]
+    cfg.train.milestones = sorted({max(1, args.epochs // 2), max(1, (3 * args.epochs) // 4)})  # 2 epochs: [1]
     cfg.train.precision, cfg.train.cuda_graph = parse_mode(mode)
     cfg.learner.name = learner
     cfg.memory.budget = "none" if learner == "finetune" else "per_class"
@@ -97,8 +97,10 @@ def _trial_worker(args, mode: str, queue) -> None:
     queue.put(run_trial(cfg, benchmark)["wall_s"])
 
 
-def concurrent_trials(args, mode: str, k: int) -> tuple[float, float]:
-    """K DGR trials in K processes on the same device; returns (wall seconds, trials per minute)."""
+def concurrent_trials(args, mode: str, k: int) -> tuple[float, float, list[float]]:
+    """K DGR trials in K processes on the same device: (wall seconds, trials per minute, each trial's own wall seconds)."""
+    import queue as queues
+
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
@@ -107,11 +109,16 @@ def concurrent_trials(args, mode: str, k: int) -> tuple[float, float]:
     workers = [context.Process(target=_trial_worker, args=(args, mode, queue)) for _ in range(k)]
     for worker in workers:
         worker.start()
+    trial_walls = []
+    while len(trial_walls) < k and (any(w.is_alive() for w in workers) or not queue.empty()):
+        try:  # read while they run: a worker cannot exit while its result sits unread in the pipe
+            trial_walls.append(queue.get(timeout=1.0))
+        except queues.Empty:
+            pass
     for worker in workers:
         worker.join()
     wall = time.perf_counter() - start
-    done = sum(1 for worker in workers if worker.exitcode == 0)
-    return wall, 60.0 * done / wall
+    return wall, 60.0 * len(trial_walls) / wall, trial_walls
 
 
 def main() -> None:
@@ -129,6 +136,9 @@ def main() -> None:
                         help="also run DGR over these seeds in every mode: mean and spread of avg inc acc (e.g. 0 1 2)")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    graphed = [mode for mode in args.modes if parse_mode(mode)[1]]
+    if graphed and device.type != "cuda":
+        parser.error(f"--modes {' '.join(graphed)}: CUDA graphs need a CUDA device; this run is on {device.type}")
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), torch {torch.__version__}")
     raw_cfg = trial_config(args, "dgr", "fp32")
     raw = load_raw(raw_cfg.data)
@@ -151,8 +161,9 @@ def main() -> None:
         if "dgr" in rates and "replay" in rates:
             print(f"  DGR step cost over a plain CE replay step: {rates['replay'] / rates['dgr'] - 1:+.1%} time per image")
         for k in args.concurrent:
-            wall, per_minute = concurrent_trials(args, mode, k)
-            print(f"  {k} DGR trials at once: {wall:.1f} s wall, {per_minute:.1f} trials per minute")
+            wall, per_minute, trial_walls = concurrent_trials(args, mode, k)
+            each = f"each {np.mean(trial_walls):.1f} s on average" if trial_walls else "none finished"
+            print(f"  {k} DGR trials at once: {wall:.1f} s wall, {len(trial_walls)}/{k} finished ({each}), {per_minute:.1f} trials per minute")
         if args.accuracy_seeds:
             accuracies = []
             for seed in args.accuracy_seeds:

@@ -49,6 +49,9 @@ class Rates:
     teacher_step_s: float
     score_s: float
     device: str
+    # The steps were timed eagerly although the run captures CUDA graphs (the capture itself is
+    # not part of a few timed steps): graphed training is faster than the estimate.
+    eager_for_graphs: bool = False
 
 
 def plan_phases(cfg: RunConfig, benchmark: Benchmark) -> list[PhasePlan]:
@@ -171,7 +174,7 @@ def measure_rates(cfg: RunConfig, benchmark: Benchmark, device: torch.device, st
             trainer._scores(frozen, x, num_seen, None)
             scored += len(x)
         trainer._synchronise()
-    return Rates(plain, with_teacher, (time.perf_counter() - start) / max(scored, 1), str(device))
+    return Rates(plain, with_teacher, (time.perf_counter() - start) / max(scored, 1), str(device), cfg.train.cuda_graph)
 
 
 def training_seconds(plan: PhasePlan, rates: Rates) -> float:

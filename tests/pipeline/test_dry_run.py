@@ -102,3 +102,13 @@ def test_reproduce_dry_run_counts_every_run_and_writes_nothing(tmp_path, data_ro
     assert code == 0, output
     assert files_under(tmp_path) == []
     assert re.search(r"estimate: .+ wall time for 3 runs \(1 config\(s\) x seeds 0 1 2\), 1 at a time", output), output
+
+
+def test_rates_timed_eagerly_for_a_graphed_run_say_so():
+    from method.plan import Rates
+    from pipeline.display import rates_line
+
+    eager = rates_line(Rates(0.1, 0.2, 0.001, "cuda"))
+    graphed = rates_line(Rates(0.1, 0.2, 0.001, "cuda", eager_for_graphs=True))
+    assert eager == "0.100 s per training step (0.200 s with the teacher), 1000 images/s scored"
+    assert graphed == eager + "; steps timed without CUDA graphs, which train faster"
