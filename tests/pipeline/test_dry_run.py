@@ -6,6 +6,8 @@ import re
 import pytest
 from mlflow.tracking import MlflowClient
 
+import pipeline.run
+from method.plan import measure_rates
 from pipeline.display import duration
 from pipeline.run import RunPlan, run_command
 
@@ -25,7 +27,16 @@ def files_under(folder):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("memory", MEMORY, ids=list(MEMORY))
-def test_the_plan_has_the_images_a_real_run_trains_and_the_dry_run_writes_nothing(tmp_path, data_root, memory):
+def test_the_plan_has_the_images_a_real_run_trains_and_the_dry_run_writes_nothing(tmp_path, data_root, memory, monkeypatch):
+    # The two dry runs below plan the same config: the second takes the rates the first measured.
+    measured = []
+
+    def measure_once(*args):
+        if not measured:
+            measured.append(measure_rates(*args))
+        return measured[0]
+
+    monkeypatch.setattr(pipeline.run, "measure_rates", measure_once)
     args = [REPO / "configs/quickstart.yaml", *TINY, *MEMORY[memory], "--data-root", data_root,
             "--tracking-uri", sqlite_uri(tmp_path), "--phase-store", tmp_path / "phases"]  # fmt: skip
     code, output = invoke("run", *args, "--dry-run")
@@ -44,6 +55,7 @@ def test_the_plan_has_the_images_a_real_run_trains_and_the_dry_run_writes_nothin
     assert plan.phases[0].memory_images == 0 and plan.phases[1].memory_images > 0
     for p in plan.phases:
         assert f" {p.train_images} " in output  # the table shows what the run below trains
+    assert len(measured) == 1 and plan.rates is measured[0]
     assert 0 < plan.rates.step_s < 60 and 0 < plan.rates.score_s < 1
     assert plan.startup_s < plan.estimate_s < math.inf
 
