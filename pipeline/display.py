@@ -142,7 +142,7 @@ def wide_console() -> Console:
 
 def rates_line(rates: Any) -> str:
     """What a dry run measured (method.plan.Rates), in words."""
-    graphs = "; steps timed without CUDA graphs, which train faster" if getattr(rates, "eager_for_graphs", False) else ""
+    graphs = "; steps timed without CUDA graphs, which train faster" if rates.eager_for_graphs else ""
     return (
         f"{rates.step_s:.3f} s per training step ({rates.teacher_step_s:.3f} s with the teacher), "
         f"{1 / rates.score_s:.0f} images/s scored{graphs}"
