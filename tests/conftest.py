@@ -29,17 +29,49 @@ def pytest_configure(config):
 
     os.environ.setdefault("IMBCIL_CACHE", tempfile.mkdtemp(prefix="imbcil-test-cache-"))
     os.environ.setdefault("IMBCIL_PHASE_STORE", "off")
+    # Under pytest-xdist the workers share the cores: a worker's torch (and the runs it starts
+    # in subprocesses) takes its share of threads, not all of them, or the workers' thread
+    # pools fight (two workers at two threads each ran the learners' tests 2x slower than one).
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 
 # A test that uses one of these (directly or through another fixture) reads the real dataset, or
 # starts a real MLflow server or Ray cluster: it is end to end, whether or not it says so.
 E2E_FIXTURES = {"data_root", "mlflow_server", "cluster_kit"}
 
 
+# Fixtures that build something costly once for many tests (a sweep, a cluster): under
+# pytest-xdist (`--dist loadgroup`) the tests that use one run on one worker, so it is built once.
+SHARED_FIXTURE_GROUPS = {"tiny_sweep": "tiny-sweep", "steady_sweep": "steady-sweep", "cluster": "two-node-cluster", "pg_server": "two-node-cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks added here
 def pytest_collection_modifyitems(items):
-    """`pytest -m "not e2e"` leaves out every test that needs real data or real services."""
+    """`pytest -m "not e2e"` leaves out every test that needs real data or real services.
+
+    The longest work comes first (`slow` tests, then the shared-fixture groups, then the other
+    end-to-end tests, then the unit tests), each kind in its collection order: pytest-xdist
+    (`--no-loadscope-reorder`) hands work out in this order, and the short tests at the end
+    fill whatever time one worker has left while the other finishes.
+    """
     for item in items:
-        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if E2E_FIXTURES & fixtures:
             item.add_marker(pytest.mark.e2e)
+        groups = {SHARED_FIXTURE_GROUPS[name] for name in fixtures & SHARED_FIXTURE_GROUPS.keys()}
+        if groups:
+            (group,) = groups  # a test needs at most one of them
+            item.add_marker(pytest.mark.xdist_group(group))
+
+    def rank(item) -> int:
+        if item.get_closest_marker("slow"):
+            return 0
+        if item.get_closest_marker("xdist_group"):
+            return 1
+        return 2 if item.get_closest_marker("e2e") else 3
+
+    items.sort(key=rank)  # stable: each kind keeps its order, a group's tests theirs
 
 
 POSTGRES_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
@@ -49,9 +81,18 @@ SERVER_STOP_TIMEOUT_S = 10.0
 
 def free_port() -> int:
     """A loopback TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    (port,) = free_ports(1)
+    return port
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports: each socket stays bound until all are chosen, since the OS
+    may hand a just-closed port out again (two of a Ray node's ports once came out equal)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 @pytest.fixture
@@ -329,11 +370,9 @@ class RayCluster:
 
 def _ray_ports() -> list[str]:
     """Every port a node listens on, chosen free: other clusters may run on this machine."""
-    ports = []
-    for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"):  # fmt: skip
-        ports += [flag, str(free_port())]
-    return ports
+    flags = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")  # fmt: skip
+    return [text for flag, port in zip(flags, free_ports(len(flags))) for text in (flag, str(port))]
 
 
 def start_ray_cluster(log_dir: Path, cpus: Sequence[int] = (2, 2)) -> RayCluster:

@@ -17,7 +17,8 @@ from method.trainer import IncrementalTrainer
 def small_config(data_root, learner="dgr", epochs=1, train_fraction=0.05, **extra):
     cfg = RunConfig()
     cfg.data.dataset, cfg.data.root = "cifar10", str(data_root)
-    cfg.data.train_fraction, cfg.data.test_fraction = train_fraction, 0.1
+    # 500 test images: these runs check plumbing, and scoring is a third of a tiny run's time.
+    cfg.data.train_fraction, cfg.data.test_fraction = train_fraction, 0.05
     cfg.protocol.first_task_classes, cfg.protocol.incremental_tasks = 2, 4
     cfg.train.epochs, cfg.train.milestones = epochs, [max(1, epochs - 1)]
     cfg.learner.name = learner
@@ -110,12 +111,14 @@ def test_the_competitors_and_lws_resume_bit_identically(data_root, benchmark_fac
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_lws_on_linear_heads_once_the_backbone_has_learnt(data_root, benchmark_factory):
     # LWS trains at the task's lr on eval-mode features, as the reference does. In the one-batch
     # runs above those features are 20x their training-mode size (BatchNorm statistics of a few
     # batches) and a linear head with its scale diverges; the ordered first task is learnt in a
     # few epochs (see last_accuracy), and there it stays finite like the cosine heads.
-    cfg = small_config(data_root, "eeil", epochs=8, train_fraction=0.15, data__scenario="ordered", learner__two_stage="lws", learner__two_stage_epochs=2)
+    cfg = small_config(data_root, "eeil", epochs=8, train_fraction=0.15, data__scenario="ordered", data__test_fraction=0.1,
+                       learner__two_stage="lws", learner__two_stage_epochs=2)  # fmt: skip
     cfg.learner.eeil.finetune_epochs = 2
     results = run_all(cfg, benchmark_factory(cfg))
     assert all(np.isfinite(r.metrics["loss"]) and np.isfinite(r.metrics["acc"]) for r in results)
@@ -165,6 +168,7 @@ def last_accuracy(data_root, benchmark_factory):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_memory_beats_finetuning_on_last_accuracy(last_accuracy):
     assert last_accuracy["dgr"] > last_accuracy["finetune"], last_accuracy
     assert last_accuracy["replay"] > last_accuracy["finetune"], last_accuracy
