@@ -36,14 +36,6 @@ def pytest_configure(config):
     if workers:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 
-
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: one worker more than cores. Much of the end-to-end tests' time is spent waiting
-    (a Ray node or an MLflow server starting, a CLI importing torch); a third worker on 2 cores
-    fills it."""
-    return (os.cpu_count() or 1) + 1
-
-
 # A test that uses one of these (directly or through another fixture) reads the real dataset, or
 # starts a real MLflow server or Ray cluster: it is end to end, whether or not it says so.
 E2E_FIXTURES = {"data_root", "mlflow_server", "cluster_kit"}
